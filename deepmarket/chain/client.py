@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 CREDIT = 10**18  # base units per credit (18 decimals)
 RECEIPT_TIMEOUT_S = 120
+GAS_MARGIN = 1.25
 DEFAULT_MIN_STAKE = 10 * CREDIT
 DEFAULT_SLASH_BPS = 5_000
 DEFAULT_PROOF_TIMEOUT_S = 600
@@ -292,9 +293,15 @@ def send_transaction(w3: Web3, account: LocalAccount, call: ContractFunction | N
         raise ChainError(f"{label} reverted: {exc.message or exc}") from exc
     except Web3RPCError as exc:
         raise ChainError(f"{label} was rejected by the node: {exc}") from exc
+    # Ganache's estimate runs against the latest block and comes out short for some calls
+    # (seen with recordProof), so every transaction gets a margin, as brownie's gas_buffer does.
+    tx["gas"] = int(tx["gas"] * GAS_MARGIN) + 10_000
     signed = account.sign_transaction(tx)
-    tx_hash = w3.eth.send_raw_transaction(signed.raw_transaction)
-    receipt = w3.eth.wait_for_transaction_receipt(tx_hash, timeout=RECEIPT_TIMEOUT_S)
+    try:
+        tx_hash = w3.eth.send_raw_transaction(signed.raw_transaction)
+        receipt = w3.eth.wait_for_transaction_receipt(tx_hash, timeout=RECEIPT_TIMEOUT_S)
+    except Web3RPCError as exc:
+        raise ChainError(f"{label} was rejected by the node: {exc}") from exc
     if receipt["status"] != 1:
         raise ChainError(f"{label} failed in block {receipt['blockNumber']} (tx {tx_hash.hex()})")
     if gas is not None:
