@@ -138,6 +138,7 @@ contract JobMarket is AccessControl, Pausable, ReentrancyGuard, EIP712, Nonces {
         uint256 payment,
         string checkpointCid
     );
+    event WorkerReady(uint256 indexed jobId, uint256 indexed machineId, uint32 round);
     event WorkerFaulted(uint256 indexed jobId, uint256 indexed machineId, uint32 slot, uint256 slashed);
     event WorkerLeft(uint256 indexed jobId, uint256 indexed machineId, uint32 slot);
     event WorkerReplaced(uint256 indexed jobId, uint32 slot, uint256 oldMachineId, uint256 indexed newMachineId);
@@ -367,6 +368,19 @@ contract JobMarket is AccessControl, Pausable, ReentrancyGuard, EIP712, Nonces {
         lastCheckpointIndex[receipt.jobId][receipt.machineId] = receipt.checkpointIndex;
         uint256 payment = _payInterval(job, worker, receipt);
         _emitProofRecorded(receipt, worker.lender, payment);
+    }
+
+    /**
+     * @notice The lender reports that its worker for the job's current round is running. The
+     * coordinator faults workers that stay silent past its formation timeout, so a cluster
+     * that cannot form is blamed on the machines that never started, not on all of them.
+     */
+    function reportReady(uint256 jobId, uint256 machineId) external {
+        Job storage job = _existingJob(jobId);
+        if (job.status != JobStatus.Running) revert MarketInvalidJobStatus(jobId, job.status);
+        uint32 slot = _activeSlot(jobId, machineId);
+        if (_workers[jobId][slot].lender != msg.sender) revert MarketCallerNotLender(machineId, msg.sender);
+        emit WorkerReady(jobId, machineId, job.round);
     }
 
     /// @notice The lender takes its machine back from a running job (owner reclaim); no slash, the slot is left empty.

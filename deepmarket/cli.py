@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("path", type=Path, help="keystore file to write")
     create.add_argument("--password-file", type=Path, help="file holding the password")
     create.set_defaults(handler=cmd_wallet_create)
+
+    register_daemon_commands(commands)
+    register_demo_command(commands)
     return parser
 
 
@@ -142,3 +145,192 @@ def cmd_wallet_create(args: argparse.Namespace, settings: Settings) -> int:
     account = create_keystore(args.path, read_password("DEEPMARKET_PASSWORD", args.password_file))
     print(account.address)
     return 0
+
+
+# ---------------------------------------------------------------------- daemons and jobs
+
+
+def _add_key_args(parser: argparse.ArgumentParser, role: str) -> None:
+    parser.add_argument("--keystore", type=Path, help=f"encrypted keystore of the {role} "
+                        f"(password from $DEEPMARKET_PASSWORD or --password-file); default: the development key")
+    parser.add_argument("--password-file", type=Path, help="file holding the keystore password")
+
+
+def _account(args: argparse.Namespace, role: str) -> Any:
+    from deepmarket.chain.wallet import load_keystore, read_password
+    from deepmarket.market.scripting import role_account
+
+    if args.keystore is None:
+        return role_account(role)
+    return load_keystore(args.keystore, read_password("DEEPMARKET_PASSWORD", args.password_file))
+
+
+def _client(settings: Settings) -> Any:
+    from deepmarket.chain.client import connect
+    from deepmarket.market import operations
+
+    return operations.open_client(connect(settings.rpc_url), settings.deployment_file)
+
+
+def _store(settings: Settings) -> Any:
+    from deepmarket.storage.store import IpfsStore
+
+    return IpfsStore(settings.ipfs_api)
+
+
+def _run_until_signal(target: Any) -> None:
+    """Run `target(stop_event)` in this thread until SIGINT or SIGTERM."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    target(stop)
+
+
+def register_daemon_commands(commands: Any) -> None:
+    ipfs = commands.add_parser("ipfs", help="local IPFS node").add_subparsers(title="ipfs commands")
+    start = ipfs.add_parser("start", help="run a private js-ipfs node on 127.0.0.1 until interrupted")
+    start.add_argument("--repo", type=Path, help="repo folder (default: $DEEPMARKET_HOME/ipfs)")
+    start.add_argument("--api-port", type=int, default=5001, help="RPC API port (default 5001)")
+    start.set_defaults(handler=cmd_ipfs_start)
+
+    coordinator = commands.add_parser("coordinator", help="job coordinator").add_subparsers(title="coordinator commands")
+    run = coordinator.add_parser("run", help="schedule and settle jobs until interrupted")
+    _add_key_args(run, "coordinator")
+    run.add_argument("--state", type=Path, help="SQLite state file (default: $DEEPMARKET_HOME/coordinator.sqlite)")
+    run.add_argument("--formation-timeout-s", type=int, default=120,
+                     help="seconds a (re)assigned worker has to report ready before it is faulted (default 120)")
+    run.set_defaults(handler=cmd_coordinator_run)
+
+    lender = commands.add_parser("lender", help="lend a machine").add_subparsers(title="lender commands")
+    start = lender.add_parser("start", help="register this machine and serve assignments until interrupted")
+    _add_key_args(start, "lender")
+    start.add_argument("--work-dir", type=Path, required=True, help="folder for the daemon's state and job files")
+    start.add_argument("--host", default="127.0.0.1", help="address other workers reach this machine at")
+    start.add_argument("--tf-port", type=int, required=True, help="port of this machine's TensorFlow server")
+    start.add_argument("--cores", type=int, help="cores to lend (default: all)")
+    start.add_argument("--memory-mib", type=int, help="memory to lend, MiB (default: all)")
+    start.add_argument("--price", default="1", help="credits per core-hour (default 1)")
+    start.add_argument("--stake", default="20", help="credits bonded at registration (default 20)")
+    start.add_argument("--windows", default="always",
+                       help="weekly UTC availability, e.g. 'mon-fri 18-24, sat-sun 0-24' (default: always)")
+    start.set_defaults(handler=cmd_lender_start)
+    claim = lender.add_parser("claim", help="withdraw every credit the market owes this lender")
+    _add_key_args(claim, "lender")
+    claim.set_defaults(handler=cmd_lender_claim)
+
+    job = commands.add_parser("job", help="borrow machines for a training job").add_subparsers(title="job commands")
+    submit = job.add_parser("submit", help="upload a bundle and submit a signed job order")
+    _add_key_args(submit, "borrower")
+    submit.add_argument("--model", type=Path, required=True, help=".keras model file (no custom layers)")
+    submit.add_argument("--dataset", type=Path, required=True,
+                        help=".npz with x_train, y_train, x_val, y_val (x_test, y_test stay local)")
+    submit.add_argument("--config", type=Path, required=True, help="training config JSON (epochs, batch_size, ...)")
+    submit.add_argument("--workers", type=int, default=1, help="machines in the cluster (default 1)")
+    submit.add_argument("--budget", default="50", help="credits to escrow (default 50)")
+    submit.add_argument("--max-price", default="100", help="price cap, credits per core-hour (default 100)")
+    submit.add_argument("--min-cores", type=int, default=1, help="minimum cores per machine (default 1)")
+    submit.add_argument("--min-memory-mib", type=int, default=1024, help="minimum memory per machine (default 1024)")
+    submit.add_argument("--deadline-hours", type=float, default=24, help="hours until the job may expire (default 24)")
+    submit.set_defaults(handler=cmd_job_submit)
+    status = job.add_parser("status", help="a job's state, workers and proofs")
+    status.add_argument("job_id", type=int)
+    status.set_defaults(handler=cmd_job_status)
+    result = job.add_parser("result", help="download a completed job's trained model")
+    result.add_argument("job_id", type=int)
+    result.add_argument("--out", type=Path, default=Path("trained-model.keras"), help="model file to write")
+    result.set_defaults(handler=cmd_job_result)
+
+
+def cmd_ipfs_start(args: argparse.Namespace, settings: Settings) -> int:
+    from deepmarket.storage.node import run_forever
+
+    run_forever(args.repo or settings.home / "ipfs", api_port=args.api_port)
+    return 0
+
+
+def cmd_coordinator_run(args: argparse.Namespace, settings: Settings) -> int:
+    from deepmarket.coordinator.service import Coordinator, CoordinatorConfig
+
+    config = CoordinatorConfig(state_path=args.state or settings.home / "coordinator.sqlite",
+                               formation_timeout_s=args.formation_timeout_s,
+                               work_dir=settings.home / "coordinator")
+    coordinator = Coordinator(_client(settings), _account(args, "coordinator"), _store(settings), config)
+    _run_until_signal(coordinator.run)
+    return 0
+
+
+def cmd_lender_start(args: argparse.Namespace, settings: Settings) -> int:
+    from deepmarket.lender.daemon import LenderConfig, LenderDaemon
+    from deepmarket.market.scripting import parse_credits
+
+    config = LenderConfig(work_dir=args.work_dir, tf_port=args.tf_port, host=args.host, cores=args.cores,
+                          memory_mib=args.memory_mib, price_per_core_hour=parse_credits(args.price, "price"),
+                          windows=args.windows, stake=parse_credits(args.stake, "stake"))
+    daemon = LenderDaemon(_client(settings), _account(args, "lender1"), _store(settings), config)
+    _run_until_signal(daemon.run)
+    return 0
+
+
+def cmd_lender_claim(args: argparse.Namespace, settings: Settings) -> int:
+    from deepmarket.market.operations import claim_payout, format_credits
+
+    amount = claim_payout(_client(settings), _account(args, "lender1"))
+    print(f"withdrew {format_credits(amount)} credits")
+    return 0
+
+
+def cmd_job_submit(args: argparse.Namespace, settings: Settings) -> int:
+    from deepmarket.bundles import upload_bundle
+    from deepmarket.chain.typed_data import JobRequest
+    from deepmarket.market import operations
+    from deepmarket.market.scripting import parse_credits
+    from deepmarket.training.bundle import load_config
+
+    client = _client(settings)
+    borrower = _account(args, "borrower")
+    bundle_cid = upload_bundle(_store(settings), args.model, args.dataset, load_config(args.config))
+    request = JobRequest(bundleCid=bundle_cid, budget=parse_credits(args.budget, "budget"),
+                         maxPricePerCoreHour=parse_credits(args.max_price, "max-price"), workers=args.workers,
+                         minCores=args.min_cores, minMemoryMib=args.min_memory_mib,
+                         jobDeadline=client.latest_timestamp() + int(args.deadline_hours * 3600))
+    job_id = operations.submit_signed_job(client, borrower, borrower, request)
+    print(json.dumps({"job_id": job_id, "bundle_cid": bundle_cid}))
+    return 0
+
+
+def cmd_job_status(args: argparse.Namespace, settings: Settings) -> int:
+    from deepmarket.chain.errors import JOB_STATUS_NAMES
+
+    client = _client(settings)
+    job = client.get_job(args.job_id)
+    job["status"] = JOB_STATUS_NAMES[job["status"]]
+    job["workers_detail"] = client.get_workers(args.job_id)
+    proofs = client.market.events.ProofRecorded().get_logs(from_block=client.deployment.block,
+                                                            argument_filters={"jobId": args.job_id})
+    job["proofs"] = [{k: log["args"][k] for k in ("machineId", "checkpointIndex", "steps", "payment", "checkpointCid")}
+                     for log in proofs]
+    print(json.dumps(job, indent=2, default=str))
+    return 0
+
+
+def cmd_job_result(args: argparse.Namespace, settings: Settings) -> int:
+    from deepmarket.results import download_result
+
+    path = download_result(_client(settings), _store(settings), args.job_id, args.out)
+    print(f"trained model written to {path}")
+    return 0
+
+
+def register_demo_command(commands: Any) -> None:
+    demo = commands.add_parser("demo", help="run a real distributed training job end to end on local defaults")
+    demo.add_argument("--workers", type=int, default=3, help="lenders (and TF workers) in the job (default 3)")
+    demo.add_argument("--epochs", type=int, default=8, help="training epochs (default 8)")
+    demo.set_defaults(handler=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from deepmarket.demo import run_demo
+
+    logging.getLogger().setLevel(logging.WARNING)
+    report = run_demo(workers=args.workers, epochs=args.epochs)
+    return 0 if report["status"] == "completed" else 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -112,6 +113,8 @@ class MarketClient:
         self.w3 = w3
         self.deployment = deployment
         self.gas = gas_meter or GasMeter()
+        # One sender at a time: concurrent threads of one account would race for the same nonce.
+        self._send_lock = threading.Lock()
         self.token: Contract = w3.eth.contract(address=deployment.token, abi=artifacts.abi("CreditToken"))
         self.registry: Contract = w3.eth.contract(address=deployment.registry, abi=artifacts.abi("MachineRegistry"))
         self.market: Contract = w3.eth.contract(address=deployment.market, abi=artifacts.abi("JobMarket"))
@@ -144,10 +147,16 @@ class MarketClient:
 
     # ------------------------------------------------------------------ transactions
 
-    def transact(self, account: LocalAccount, call: ContractFunction, name: str | None = None) -> TxReceipt:
-        """Sign and send `call` from `account`, wait for it to be mined and return its receipt."""
+    def transact(self, account: LocalAccount, call: ContractFunction, name: str | None = None,
+                 gas_limit: int | None = None) -> TxReceipt:
+        """Sign and send `call` from `account`, wait for it to be mined and return its receipt.
+
+        With `gas_limit` the transaction skips gas estimation, for calls whose outcome
+        depends on the timestamp of the block that will include them.
+        """
         label = name or call.fn_name
-        return send_transaction(self.w3, account, call, label, self.gas)
+        with self._send_lock:
+            return send_transaction(self.w3, account, call, label, self.gas, gas_limit=gas_limit)
 
     def event(self, receipt: TxReceipt, contract: Contract, event_name: str) -> dict[str, Any]:
         """Return the args of the first `event_name` log in `receipt`."""
@@ -228,9 +237,11 @@ class MarketClient:
     def assign_job(self, coordinator: LocalAccount, job_id: int, machine_ids: list[int], cluster_spec_cid: str) -> None:
         self.transact(coordinator, self.market.functions.assignJob(job_id, machine_ids, cluster_spec_cid))
 
-    def record_proof(self, sender: LocalAccount, receipt: WorkReceipt, signature: bytes) -> int:
+    def record_proof(self, sender: LocalAccount, receipt: WorkReceipt, signature: bytes,
+                     gas_limit: int | None = None) -> int:
         """Record a signed work receipt; returns the payment credited to the lender."""
-        tx = self.transact(sender, self.market.functions.recordProof(receipt.as_tuple(), signature))
+        tx = self.transact(sender, self.market.functions.recordProof(receipt.as_tuple(), signature),
+                           gas_limit=gas_limit)
         return int(self.event(tx, self.market, "ProofRecorded")["payment"])
 
     def complete_job(self, coordinator: LocalAccount, job_id: int, result_cid: str) -> dict[str, Any]:
@@ -257,6 +268,9 @@ class MarketClient:
                        cluster_spec_cid: str) -> None:
         self.transact(coordinator, self.market.functions.replaceWorker(job_id, slot, machine_id, cluster_spec_cid))
 
+    def report_ready(self, lender: LocalAccount, job_id: int, machine_id: int) -> None:
+        self.transact(lender, self.market.functions.reportReady(job_id, machine_id))
+
     def leave_job(self, lender: LocalAccount, job_id: int, machine_id: int) -> None:
         self.transact(lender, self.market.functions.leaveJob(job_id, machine_id))
 
@@ -272,10 +286,13 @@ class MarketClient:
 
 
 def send_transaction(w3: Web3, account: LocalAccount, call: ContractFunction | None, label: str,
-                     gas: GasMeter | None = None, deploy_data: str | None = None) -> TxReceipt:
+                     gas: GasMeter | None = None, deploy_data: str | None = None,
+                     gas_limit: int | None = None) -> TxReceipt:
     """Build, sign and send one transaction; decode reverts into ContractRevert."""
     params: dict[str, Any] = {"from": account.address, "nonce": w3.eth.get_transaction_count(account.address, "pending"),
                               "chainId": w3.eth.chain_id}
+    if gas_limit is not None:
+        params["gas"] = gas_limit
     try:
         if call is not None:
             tx = call.build_transaction(params)
@@ -295,7 +312,8 @@ def send_transaction(w3: Web3, account: LocalAccount, call: ContractFunction | N
         raise ChainError(f"{label} was rejected by the node: {exc}") from exc
     # Ganache's estimate runs against the latest block and comes out short for some calls
     # (seen with recordProof), so every transaction gets a margin, as brownie's gas_buffer does.
-    tx["gas"] = int(tx["gas"] * GAS_MARGIN) + 10_000
+    if gas_limit is None:
+        tx["gas"] = int(tx["gas"] * GAS_MARGIN) + 10_000
     signed = account.sign_transaction(tx)
     try:
         tx_hash = w3.eth.send_raw_transaction(signed.raw_transaction)
