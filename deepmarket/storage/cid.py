@@ -1,10 +1,10 @@
 """Compute the CID that an IPFS node's ``add`` assigns to a file, without a node.
 
-The layout reproduced here is the one Kubo and js-ipfs use by default: the bytes are cut into
-fixed 256 KiB chunks, each chunk becomes a leaf, and leaves are joined into a balanced DAG of
-UnixFS ``File`` nodes with at most 174 links each, hashed with sha2-256. A CIDv1 file uses raw
-leaves (codec ``raw``), a CIDv0 file uses dag-pb leaves, which is what both nodes do unless
-told otherwise. A file that fits in one chunk is its own root.
+The layout reproduced here is the one Kubo and js-ipfs use by default. The bytes are cut into
+fixed 256 KiB chunks and each chunk becomes a leaf. Leaves are joined into a balanced DAG of
+UnixFS ``File`` nodes with at most 174 links each, and every block is hashed with sha2-256.
+A CIDv1 file uses raw leaves (codec ``raw``) and a CIDv0 file dag-pb leaves, which is what
+both nodes do unless told otherwise. A file that fits in one chunk is its own root.
 
 Content added with another chunker, the trickle layout or other leaf settings gets a
 different CID, so :func:`compute_cid` cannot reproduce it.
@@ -63,7 +63,7 @@ class FileCidBuilder:
         self._cid_version = cid_version
         self._buffer = bytearray()
         self._leaf_count = 0
-        # _levels[0] holds leaves, _levels[k] holds nodes k levels above the leaves.
+        # _levels[0] contains leaves, and _levels[k] the nodes k levels above the leaves.
         self._levels: list[list[_DagNode]] = [[]]
         self._result: str | None = None
 
@@ -116,7 +116,7 @@ class FileCidBuilder:
 
     def _finish(self) -> _DagNode:
         # Fold the partial group of each level into a parent, bottom up, until one node is
-        # left. A lone node becomes the root only when no level above it holds a node.
+        # left. A lone node becomes the root only when no level above it contains a node.
         level = 0
         while True:
             pending = self._levels[level]

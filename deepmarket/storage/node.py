@@ -6,8 +6,8 @@
 
 The daemon is configured for js-ipfs 0.66.1 (it reports version 0.18.1): no bootstrap peers,
 no delegate routers, MDNS and NAT port mapping off, routing ``none``, no gRPC endpoint, and
-preloading off through ``NODE_ENV=test`` and ``--enable-preload=false``. It therefore only
-serves content that was added to it; a CID it does not hold never resolves.
+preloading off through ``NODE_ENV=test`` and ``--enable-preload=false``. It therefore serves
+only content that was added to it, and a CID it does not have never resolves.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import socket
 import subprocess
 import threading
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -37,6 +36,8 @@ DEFAULT_JSIPFS = PROJECT_ROOT / "node_modules" / ".bin" / "jsipfs"
 HOST = "127.0.0.1"
 
 LOG_FILE_NAME = "daemon.log"
+# Printed by `jsipfs daemon` (js-ipfs 0.66.1) once it has started and handles SIGINT.
+READY_LINE = "Daemon is ready"
 PID_FILE_NAME = "daemon.pid"
 # proper-lockfile, which js-ipfs uses, keeps this directory while the daemon runs.
 LOCK_DIR_NAME = "repo.lock"
@@ -64,7 +65,7 @@ class IpfsNode:
     :param gateway_port: TCP port of the read-only HTTP gateway.
     :param swarm_port: TCP port for libp2p connections.
     :param jsipfs: path of the ``jsipfs`` executable; defaults to the project's npm install.
-    :param startup_timeout_s: seconds :meth:`start` waits for the API to answer.
+    :param startup_timeout_s: seconds :meth:`start` waits for the daemon to become ready.
     :param stop_timeout_s: seconds :meth:`stop` waits after SIGINT before sending SIGKILL.
     """
 
@@ -133,15 +134,16 @@ class IpfsNode:
     def start(self) -> None:
         """Initialise the repo if needed, configure it and start the daemon.
 
-        Returns once the HTTP API answers with this repo's peer id. Does nothing if the
-        daemon is already running.
+        Returns once the daemon reports that it is ready and its HTTP API returns this repo's
+        peer id. Does nothing if the daemon is already running.
 
         :raises ToolchainError: if ``jsipfs`` is missing, ``init`` fails, the repo is locked by
-            a live daemon, or the daemon exits or does not answer within ``startup_timeout_s``.
+            a live daemon, or the daemon exits or is not ready within ``startup_timeout_s``.
         """
         if self.is_running:
             return
-        self._close_log()
+        # A daemon of ours that exited by itself: clear its pid file, log and repo lock.
+        self.stop()
         if not os.access(self.jsipfs, os.X_OK):
             raise ToolchainError(
                 f"jsipfs executable not found at {self.jsipfs}; run `npm ci` in {PROJECT_ROOT} "
@@ -153,21 +155,26 @@ class IpfsNode:
         if not (self.repo_dir / "config").exists():
             self._init_repo()
         self._release_stale_lock()
+        self._check_ports_free()
         peer_id = self._write_config()
 
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - stays open while the daemon runs
         self._log_offset = self._log_file.tell()
         self._log_file.write(f"--- jsipfs daemon start {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode())
         self._log_file.flush()
-        self._process = subprocess.Popen(
-            [str(self.jsipfs), "daemon", "--enable-preload=false"],
-            env=self._environment(),
-            cwd=self.repo_dir,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        try:
+            self._process = subprocess.Popen(
+                [str(self.jsipfs), "daemon", "--enable-preload=false"],
+                env=self._environment(),
+                cwd=self.repo_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=self._log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        except OSError as error:
+            self._close_log()
+            raise ToolchainError(f"Cannot run {self.jsipfs}: {error}.") from error
         self._write_pid_file(self._process.pid)
         logger.debug("Started jsipfs daemon PID %d on repo %s", self._process.pid, self.repo_dir)
 
@@ -204,11 +211,13 @@ class IpfsNode:
                     self.stop_timeout_s,
                 )
                 self._kill()
-            logger.info("IPFS node stopped: PID %d, exit code %s", process.pid, process.returncode)
+            level = logging.INFO if process.returncode == 0 else logging.WARNING
+            logger.log(level, "IPFS node stopped: PID %d, exit code %s", process.pid, process.returncode)
         else:
             logger.warning(
                 "jsipfs daemon PID %d had already exited with code %s", process.pid, process.returncode
             )
+            self._remove_lock_of_exited_daemon(process.pid)
         self._process = None
         self._remove_pid_file()
         self._close_log()
@@ -216,12 +225,10 @@ class IpfsNode:
     def log_tail(self) -> str:
         """Return the end of what the daemon wrote to its log since the last :meth:`start`."""
         try:
-            with open(self.log_path, "rb") as log:
-                size = log.seek(0, os.SEEK_END)
-                log.seek(max(self._log_offset, size - _LOG_TAIL_BYTES))
-                return log.read().decode("utf-8", errors="replace")
+            size = self.log_path.stat().st_size
         except FileNotFoundError:
             return ""
+        return self._read_log(max(self._log_offset, size - _LOG_TAIL_BYTES))
 
     def __enter__(self) -> IpfsNode:
         self.start()
@@ -324,8 +331,8 @@ class IpfsNode:
             )
             return
 
-        # No daemon of ours recorded: another program may hold the lock. js-ipfs itself
-        # ignores a lock that nobody refreshed for LOCK_STALE_S.
+        # No daemon of ours is recorded, so another program may have the lock. js-ipfs itself
+        # ignores a lock whose mtime was not refreshed for LOCK_STALE_S.
         age_s = time.time() - lock_dir.stat().st_mtime
         if age_s < LOCK_STALE_S:
             raise ToolchainError(
@@ -333,7 +340,33 @@ class IpfsNode:
                 f"ago); stop that daemon, or delete {lock_dir} if none runs."
             )
 
+    def _remove_lock_of_exited_daemon(self, pid: int) -> None:
+        # Only called after this object reaped the daemon, so no live process owns the lock.
+        lock_dir = self.repo_dir / LOCK_DIR_NAME
+        if lock_dir.exists():
+            shutil.rmtree(lock_dir, ignore_errors=True)
+            logger.warning(
+                "Removed stale lock of IPFS repo %s left by exited daemon PID %d", self.repo_dir, pid
+            )
+
+    def _check_ports_free(self) -> None:
+        # js-ipfs 0.66.1 logs EADDRINUSE for a taken API port but keeps running,
+        # so a taken port would otherwise only show up as a start-up timeout.
+        for name, port in (
+            ("API", self.api_port),
+            ("gateway", self.gateway_port),
+            ("swarm", self.swarm_port),
+        ):
+            if not _is_port_free(port):
+                raise ToolchainError(
+                    f"Cannot start the IPFS node on {self.repo_dir}: {name} port {port} on {HOST} is "
+                    "in use by another process. Choose another port or stop that process."
+                )
+
     def _wait_until_ready(self, peer_id: str, deadline: float) -> None:
+        # Ready means the API returns this repo's peer id (another program may listen on
+        # the port) and the daemon printed READY_LINE: js-ipfs installs its SIGINT handler
+        # only after that line, and an earlier SIGINT kills it without a clean shutdown.
         assert self._process is not None
         url = f"{self.api_url}/api/v0/id"
         while True:
@@ -343,13 +376,18 @@ class IpfsNode:
                     f"jsipfs daemon on {self.repo_dir} exited with code {exit_code} during start-up. "
                     f"Log tail:\n{self.log_tail()}"
                 )
-            # Another program may already listen on the port, so check the peer id too.
-            if _fetch_peer_id(url) == peer_id:
+            output = self._read_log(self._log_offset)
+            if READY_LINE in output and _fetch_peer_id(url) == peer_id:
                 return
+            if "EADDRINUSE" in output:
+                raise ToolchainError(
+                    f"jsipfs daemon on {self.repo_dir} could not bind a port that another process "
+                    f"took after the check. Log tail:\n{self.log_tail()}"
+                )
             if time.monotonic() >= deadline:
                 raise ToolchainError(
-                    f"jsipfs daemon on {self.repo_dir} did not answer on {self.api_url} within "
-                    f"{self.startup_timeout_s:.0f} s. Log tail:\n{self.log_tail()}"
+                    f"jsipfs daemon on {self.repo_dir} did not become ready on {self.api_url} within "
+                    f"{self.startup_timeout_s:g} s. Log tail:\n{self.log_tail()}"
                 )
             time.sleep(_POLL_INTERVAL_S)
 
@@ -359,6 +397,7 @@ class IpfsNode:
             return
         _signal_group(process.pid, signal.SIGKILL)
         process.wait()
+        self._remove_lock_of_exited_daemon(process.pid)
         self._process = None
         self._remove_pid_file()
         self._close_log()
@@ -377,6 +416,14 @@ class IpfsNode:
     def _remove_pid_file(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             (self.repo_dir / PID_FILE_NAME).unlink()
+
+    def _read_log(self, offset: int) -> str:
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(offset)
+                return log.read().decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
 
     def _close_log(self) -> None:
         if self._log_file is not None:
@@ -411,7 +458,9 @@ def run_forever(
             installed[signum] = signal.signal(signum, request_stop)
     try:
         node.start()
-        logger.info("IPFS API at %s, gateway at %s; press Ctrl-C to stop", node.api_multiaddr, node.gateway_url)
+        logger.info(
+            "IPFS API at %s, gateway at %s; press Ctrl-C to stop", node.api_multiaddr, node.gateway_url
+        )
         while not stop_requested.wait(0.5):
             if not node.is_running:
                 raise ToolchainError(
@@ -430,6 +479,17 @@ def find_free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _is_port_free(port: int) -> bool:
+    # SO_REUSEADDR as Node.js sets it, so that connections in TIME_WAIT do not count as use.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
 def _check_port(name: str, port: int | None) -> int:
     if port is None:
         return find_free_port()
@@ -444,7 +504,7 @@ def _fetch_peer_id(url: str) -> str | None:
         with urllib.request.urlopen(request, timeout=2.0) as response:
             return str(json.load(response).get("ID"))
     except (OSError, ValueError, AttributeError):
-        # Not listening yet (URLError is an OSError), or something else answered.
+        # Not listening yet (URLError is an OSError), or another program replied.
         return None
 
 
@@ -460,7 +520,7 @@ def _process_start_ticks(pid: int) -> int | None:
 
 
 def _is_same_process_alive(pid: int, start_ticks: int | None) -> bool:
-    """Whether ``pid`` runs and, where /proc exists, is the process recorded at start."""
+    """Return True if ``pid`` runs and, where /proc exists, is the process recorded at start."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
