@@ -1,0 +1,1 @@
+"""Training side of DeepMarket: job bundles, the MultiWorkerMirroredStrategy worker, the digits demo."""

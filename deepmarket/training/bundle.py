@@ -93,7 +93,7 @@ class OptimizerConfig:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """How lenders train the model.
+    """Training settings that lenders apply to the model.
 
     ``batch_size`` is global: MultiWorkerMirroredStrategy splits each batch across the
     workers of the cluster. ``shuffle_seed`` fixes the order of training examples, so that
@@ -135,7 +135,7 @@ class TrainingConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainingConfig:
-        """Build and validate a config from its dict form; unknown or missing keys raise BundleError."""
+        """Build and validate a config from its dict form. Unknown or missing keys raise BundleError."""
         if not isinstance(data, Mapping):
             raise BundleError(f"training config must be a JSON object, got {type(data).__name__}")
         _check_keys(
@@ -257,7 +257,7 @@ def load_config(path: str | os.PathLike[str]) -> TrainingConfig:
 
 
 def write_config(config: TrainingConfig, path: str | os.PathLike[str]) -> Path:
-    """Validate ``config`` and write it as a JSON file; return the path."""
+    """Validate ``config``, write it as a JSON file and return the path."""
     config.validate()
     target = Path(path)
     target.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
@@ -302,7 +302,7 @@ def model_spec(model: Any, path: str | os.PathLike[str]) -> ModelSpec:
 
 
 def load_keras_model(path: str | os.PathLike[str], *, compile: bool = False) -> Any:
-    """Load a ``.keras`` file with tf_keras and ``safe_mode=True``; errors become BundleError."""
+    """Load a ``.keras`` file with tf_keras and ``safe_mode=True``, raising BundleError on failure."""
     keras = import_tf_keras()
     try:
         return keras.models.load_model(os.fspath(path), safe_mode=True, compile=compile)
@@ -314,7 +314,7 @@ def load_keras_model(path: str | os.PathLike[str], *, compile: bool = False) -> 
 
 
 def load_dataset(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """Read every array of an ``.npz`` dataset into memory, refusing pickled objects."""
+    """Read every array of an ``.npz`` dataset into memory, rejecting pickled objects."""
     try:
         with np.load(os.fspath(path), allow_pickle=False) as archive:
             return {name: archive[name] for name in archive.files}
@@ -377,7 +377,7 @@ def validate_bundle(
     *,
     require_test: bool = False,
 ) -> ModelSpec:
-    """Validate model, dataset and config together; return the model's shapes."""
+    """Validate model, dataset and config together and return the model's shapes."""
     config.validate()
     spec = validate_model(model_path)
     validate_dataset(load_dataset(dataset_path), model=spec, config=config, require_test=require_test)

@@ -59,7 +59,7 @@ def load_splits(seed: int = DEFAULT_SEED) -> dict[str, np.ndarray]:
     """Return the digits as ``x_*`` (float32, N x 64, in [0, 1]) and ``y_*`` (int32) arrays.
 
     The held-out test set is 20% of the images and the validation set 10%, both
-    stratified by class; the rest is the training set (1257 images for any seed).
+    stratified by class. The remaining 1257 images form the training set.
     """
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -151,7 +151,7 @@ def evaluate(
     path = Path(model_or_weights_path)
     if path.name.endswith(".weights.h5"):
         model = load_keras_model(model_path) if model_path is not None else build_model()
-        # skip_mismatch does not apply here; optimizer and metric state in the file are ignored.
+        # The uncompiled model has no optimizer or metrics, so their state in the file is skipped.
         model.load_weights(path)
     else:
         model = load_keras_model(path)
