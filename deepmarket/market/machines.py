@@ -61,8 +61,11 @@ def parse_windows(text: str) -> int:
             raise ConfigError(f"availability window {part.strip()!r} is invalid: write it as "
                               f"'<day>[-<day>] <start>-<end>', e.g. 'mon-fri 18-24'")
         days, hours = pieces
-        for day in _day_range(days):
-            start, end = _hour_range(hours)
+        try:
+            day_range, (start, end) = _day_range(days), _hour_range(hours)
+        except ConfigError as exc:
+            raise ConfigError(f"availability window {part.strip()!r}: {exc}") from exc
+        for day in day_range:
             for hour in range(start, end):
                 mask |= 1 << (day * 24 + hour)
     return mask
