@@ -115,6 +115,7 @@ contract JobMarket is AccessControl, Pausable, ReentrancyGuard, EIP712, Nonces {
     error MarketWorkerNotActive(uint256 jobId, uint256 machineId);
     error MarketSlotOccupied(uint256 jobId, uint256 slot, uint256 machineId);
     error MarketSlotOutOfRange(uint256 jobId, uint256 slot);
+    error MarketSlotEmpty(uint256 jobId, uint256 slot);
     error MarketStaleCheckpoint(uint256 jobId, uint256 machineId, uint256 checkpointIndex, uint256 lastIndex);
     error MarketCheckpointNotPublished(uint256 jobId, uint256 checkpointIndex);
     error MarketCheckpointMismatch(uint256 jobId, uint256 checkpointIndex);
@@ -139,6 +140,7 @@ contract JobMarket is AccessControl, Pausable, ReentrancyGuard, EIP712, Nonces {
         string checkpointCid
     );
     event WorkerReady(uint256 indexed jobId, uint256 indexed machineId, uint32 round);
+    event WorkerStopped(uint256 indexed jobId, uint256 indexed machineId, uint32 round);
     event WorkerFaulted(uint256 indexed jobId, uint256 indexed machineId, uint32 slot, uint256 slashed);
     event WorkerLeft(uint256 indexed jobId, uint256 indexed machineId, uint32 slot);
     event WorkerReplaced(uint256 indexed jobId, uint32 slot, uint256 oldMachineId, uint256 indexed newMachineId);
@@ -317,6 +319,29 @@ contract JobMarket is AccessControl, Pausable, ReentrancyGuard, EIP712, Nonces {
         emit JobAssigned(jobId, job.round, clusterSpecCid, workerMachineIds(jobId));
     }
 
+    /**
+     * @notice Restarts a running job's cluster on the same machines under a new round with
+     * `clusterSpecCid` (every worker stopped and none was lost, e.g. after a network fault).
+     */
+    function restartCluster(uint256 jobId, string calldata clusterSpecCid)
+        external
+        onlyRole(COORDINATOR_ROLE)
+        whenNotPaused
+    {
+        Job storage job = _existingJob(jobId);
+        if (job.status != JobStatus.Running) revert MarketInvalidJobStatus(jobId, job.status);
+        if (block.timestamp > job.deadline) revert MarketJobDeadlinePassed(jobId, job.deadline);
+        if (bytes(clusterSpecCid).length == 0) revert MarketInvalidRequest("clusterSpecCid", 0);
+        Worker[] storage workers = _workers[jobId];
+        for (uint256 slot = 0; slot < workers.length; slot++) {
+            if (!workers[slot].active) revert MarketSlotEmpty(jobId, slot);
+        }
+        job.round += 1;
+        job.clusterSpecCid = clusterSpecCid;
+        job.lastProgressAt = uint64(block.timestamp);
+        emit JobAssigned(jobId, job.round, clusterSpecCid, workerMachineIds(jobId));
+    }
+
     /// @notice Completes a running job with its trained model; releases the machines and refunds the unused budget.
     function completeJob(uint256 jobId, string calldata resultCid) external onlyRole(COORDINATOR_ROLE) nonReentrant {
         Job storage job = _existingJob(jobId);
@@ -376,11 +401,18 @@ contract JobMarket is AccessControl, Pausable, ReentrancyGuard, EIP712, Nonces {
      * that cannot form is blamed on the machines that never started, not on all of them.
      */
     function reportReady(uint256 jobId, uint256 machineId) external {
-        Job storage job = _existingJob(jobId);
-        if (job.status != JobStatus.Running) revert MarketInvalidJobStatus(jobId, job.status);
-        uint32 slot = _activeSlot(jobId, machineId);
-        if (_workers[jobId][slot].lender != msg.sender) revert MarketCallerNotLender(machineId, msg.sender);
-        emit WorkerReady(jobId, machineId, job.round);
+        uint32 round = _checkCallerIsWorker(jobId, machineId);
+        emit WorkerReady(jobId, machineId, round);
+    }
+
+    /**
+     * @notice The lender reports that its worker for the job's current round stopped before
+     * the job finished (a peer was lost, or the worker crashed). When every worker but one
+     * has stopped, the coordinator can tell which machine was lost.
+     */
+    function reportStopped(uint256 jobId, uint256 machineId) external {
+        uint32 round = _checkCallerIsWorker(jobId, machineId);
+        emit WorkerStopped(jobId, machineId, round);
     }
 
     /// @notice The lender takes its machine back from a running job (owner reclaim); no slash, the slot is left empty.
@@ -409,7 +441,9 @@ contract JobMarket is AccessControl, Pausable, ReentrancyGuard, EIP712, Nonces {
         if (job.status == JobStatus.Queued) {
             if (!pastDeadline) revert MarketJobNotExpirable(jobId);
         } else if (job.status == JobStatus.Running) {
-            bool stalled = block.timestamp > uint256(job.lastProgressAt) + proofTimeout;
+            // A job with an empty slot waits for a replacement until its deadline; a full
+            // cluster that stops proving expires after the proof timeout.
+            bool stalled = !_hasVacancy(jobId) && block.timestamp > uint256(job.lastProgressAt) + proofTimeout;
             if (!pastDeadline && !stalled) revert MarketJobNotExpirable(jobId);
         } else {
             revert MarketInvalidJobStatus(jobId, job.status);
@@ -614,6 +648,22 @@ contract JobMarket is AccessControl, Pausable, ReentrancyGuard, EIP712, Nonces {
             if (published == bytes32(0)) revert MarketCheckpointNotPublished(jobId, receipt.checkpointIndex);
             if (published != cidHash) revert MarketCheckpointMismatch(jobId, receipt.checkpointIndex);
         }
+    }
+
+    function _checkCallerIsWorker(uint256 jobId, uint256 machineId) private view returns (uint32 round) {
+        Job storage job = _existingJob(jobId);
+        if (job.status != JobStatus.Running) revert MarketInvalidJobStatus(jobId, job.status);
+        uint32 slot = _activeSlot(jobId, machineId);
+        if (_workers[jobId][slot].lender != msg.sender) revert MarketCallerNotLender(machineId, msg.sender);
+        return job.round;
+    }
+
+    function _hasVacancy(uint256 jobId) private view returns (bool) {
+        Worker[] storage workers = _workers[jobId];
+        for (uint256 slot = 0; slot < workers.length; slot++) {
+            if (!workers[slot].active) return true;
+        }
+        return false;
     }
 
     function _activeSlot(uint256 jobId, uint256 machineId) private view returns (uint32) {

@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from deepmarket.errors import BundleError
+from deepmarket.errors import BundleError, ConfigError
 from deepmarket.storage.store import IpfsStore
 from deepmarket.training.bundle import (
     BundleManifest,
@@ -53,10 +53,11 @@ def upload_bundle(store: IpfsStore, model_path: Path, dataset_path: Path, config
 
 def fetch_bundle(store: IpfsStore, cid: str, directory: Path, validate: bool = True) -> LocalBundle:
     """Fetch a bundle into `directory` (every file verified against its CID) and validate it."""
-    raw = store.get_json(cid)
     try:
-        manifest = BundleManifest.from_dict(raw)
-    except BundleError as exc:
+        # get_json raises ConfigError for an invalid CID string or for content that is not JSON.
+        # Both make the bundle invalid, so the coordinator fails the job instead of retrying the fetch.
+        manifest = BundleManifest.from_dict(store.get_json(cid))
+    except (BundleError, ConfigError) as exc:
         raise BundleError(f"bundle {cid}: {exc}") from exc
     directory.mkdir(parents=True, exist_ok=True)
     model_path = store.get_file(manifest.model_cid, directory / "model.keras")

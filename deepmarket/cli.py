@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +215,13 @@ def register_daemon_commands(commands: Any) -> None:
     start.add_argument("--windows", default="always",
                        help="weekly UTC availability, e.g. 'mon-fri 18-24, sat-sun 0-24' (default: always)")
     start.set_defaults(handler=cmd_lender_start)
+    reclaim = lender.add_parser("reclaim", help="take the machine back: the running worker leaves after its "
+                                "next checkpoint, then the machine is paused")
+    reclaim.add_argument("--work-dir", type=Path, required=True, help="the running daemon's work dir")
+    reclaim.set_defaults(handler=cmd_lender_request, request="reclaim.request")
+    resume = lender.add_parser("resume", help="lend a reclaimed (paused) machine again")
+    resume.add_argument("--work-dir", type=Path, required=True, help="the running daemon's work dir")
+    resume.set_defaults(handler=cmd_lender_request, request="resume.request")
     claim = lender.add_parser("claim", help="withdraw every credit the market owes this lender")
     _add_key_args(claim, "lender")
     claim.set_defaults(handler=cmd_lender_claim)
@@ -271,6 +279,17 @@ def cmd_lender_start(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_lender_request(args: argparse.Namespace, settings: Settings) -> int:
+    from deepmarket.errors import ConfigError
+
+    if not (args.work_dir / "lender.sqlite").exists():
+        raise ConfigError(f"{args.work_dir} is not a lender daemon's work dir (no lender.sqlite): "
+                          "pass the --work-dir the daemon was started with")
+    (args.work_dir / args.request).write_text(str(int(time.time())))
+    print(f"request written; the daemon serving {args.work_dir} acts on it within a few seconds")
+    return 0
+
+
 def cmd_lender_claim(args: argparse.Namespace, settings: Settings) -> int:
     from deepmarket.market.operations import claim_payout, format_credits
 
@@ -325,6 +344,14 @@ def register_demo_command(commands: Any) -> None:
     demo = commands.add_parser("demo", help="run a real distributed training job end to end on local defaults")
     demo.add_argument("--workers", type=int, default=3, help="lenders (and TF workers) in the job (default 3)")
     demo.add_argument("--epochs", type=int, default=8, help="training epochs (default 8)")
+    faults = demo.add_mutually_exclusive_group()
+    faults.add_argument("--kill-lender-after-epoch", type=int, metavar="K",
+                        help="kill one assigned lender (daemon and worker) after checkpoint K; starts a spare lender")
+    faults.add_argument("--hang-lender-after-epoch", type=int, metavar="K",
+                        help="freeze one assigned lender (daemon and worker, SIGSTOP) after checkpoint K; "
+                        "starts a spare lender")
+    faults.add_argument("--reclaim-lender-after-epoch", type=int, metavar="K",
+                        help="have one lender's owner reclaim the machine after checkpoint K; starts a spare lender")
     demo.set_defaults(handler=cmd_demo)
 
 
@@ -332,5 +359,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from deepmarket.demo import run_demo
 
     logging.getLogger().setLevel(logging.WARNING)
-    report = run_demo(workers=args.workers, epochs=args.epochs)
+    report = run_demo(workers=args.workers, epochs=args.epochs, kill_lender_after_epoch=args.kill_lender_after_epoch,
+                      reclaim_lender_after_epoch=args.reclaim_lender_after_epoch,
+                      hang_lender_after_epoch=args.hang_lender_after_epoch)
     return 0 if report["status"] == "completed" else 1

@@ -37,8 +37,25 @@ JOB_TIMEOUT_S = 600
 JOB_COMPLETED, JOB_CANCELLED, JOB_FAILED, JOB_EXPIRED = 3, 4, 5, 6
 
 
-def run_demo(workers: int = 3, epochs: int = 8, out_dir: Path | None = None, echo: Any = print) -> dict[str, Any]:
-    """Run the demo job end to end and return its report."""
+def run_demo(workers: int = 3, epochs: int = 8, out_dir: Path | None = None, echo: Any = print,
+             kill_lender_after_epoch: int | None = None, reclaim_lender_after_epoch: int | None = None,
+             hang_lender_after_epoch: int | None = None) -> dict[str, Any]:
+    """Run the demo job end to end and return its report.
+
+    With `kill_lender_after_epoch` K, the lender of slot 1 (slot 0 for a single worker) is
+    killed with SIGKILL, daemon and worker, once the chief proved checkpoint K; with
+    `reclaim_lender_after_epoch` K its owner reclaims it instead, and with
+    `hang_lender_after_epoch` K its daemon and worker are frozen with SIGSTOP. A fault starts one
+    spare lender so that a replacement exists.
+    """
+    requested = {"kill": kill_lender_after_epoch, "reclaim": reclaim_lender_after_epoch,
+                 "hang": hang_lender_after_epoch}
+    faults = [Fault(kind, epoch) for kind, epoch in requested.items() if epoch is not None]
+    if len(faults) > 1:
+        raise DeepMarketError("give at most one of --kill-, --hang- and --reclaim-lender-after-epoch")
+    fault = faults[0] if faults else None
+    if fault is not None and not 1 <= fault.after_epoch < epochs:
+        raise DeepMarketError(f"a fault after epoch {fault.after_epoch} is invalid: give 1 <= K < --epochs ({epochs})")
     if workers < 1:
         raise DeepMarketError(f"--workers {workers} is invalid: give at least 1")
     if epochs < 1:
@@ -52,7 +69,7 @@ def run_demo(workers: int = 3, epochs: int = 8, out_dir: Path | None = None, ech
     try:
         echo("starting the local chain and IPFS node, deploying the contracts ...")
         net.start()
-        return _run(net, workers, epochs, started, echo)
+        return _run(net, workers, epochs, started, echo, fault)
     finally:
         echo("stopping daemons, IPFS node and chain ...")
         net.stop()
@@ -63,7 +80,69 @@ def _raise_interrupt(*_: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _run(net: LocalMarketplace, workers: int, epochs: int, started: float, echo: Any) -> dict[str, Any]:
+class Fault:
+    """A fault the demo injects into one assigned lender, and what it observed."""
+
+    def __init__(self, kind: str, after_epoch: int) -> None:
+        self.kind = kind  # "kill", "hang" or "reclaim"
+        self.after_epoch = after_epoch
+        self.lender: str | None = None
+        self.machine_id: int | None = None
+        self.injected_at: float | None = None
+
+    def inject(self, net: LocalMarketplace, job_id: int, echo: Any) -> None:
+        workers = net.client.get_workers(job_id)
+        target = workers[1] if len(workers) > 1 else workers[0]
+        self.machine_id = int(target["machine_id"])
+        self.lender = next(name for name, a in net.accounts.items() if a.address == target["lender"])
+        self.injected_at = time.time()
+        if self.kind == "kill":
+            net.stop_process(self.lender, sig=signal.SIGKILL)
+            echo(f"\nfault: killed {self.lender} (machine {self.machine_id}), daemon and TF worker")
+        elif self.kind == "hang":
+            net.signal_process(self.lender, signal.SIGSTOP)
+            echo(f"\nfault: froze {self.lender} (machine {self.machine_id}), daemon and TF worker, with SIGSTOP")
+        else:
+            (net.root / self.lender / "reclaim.request").write_text(str(int(self.injected_at)))
+            echo(f"\nfault: the owner of {self.lender} (machine {self.machine_id}) reclaims it")
+
+    def report(self, client: MarketClient, job_id: int) -> dict[str, Any]:
+        """What happened after the injection, read back from the job's contract events."""
+        w3, market, start = client.w3, client.market, client.deployment.block
+        block_time = lambda log: int(w3.eth.get_block(log["blockNumber"])["timestamp"])  # noqa: E731
+        filters = {"jobId": job_id, "machineId": self.machine_id}
+        lost = (market.events.WorkerLeft() if self.kind == "reclaim" else market.events.WorkerFaulted()).get_logs(
+            from_block=start, argument_filters=filters)
+        replaced = [log for log in market.events.WorkerReplaced().get_logs(
+            from_block=start, argument_filters={"jobId": job_id}) if log["args"]["oldMachineId"] == self.machine_id]
+        proofs = market.events.ProofRecorded().get_logs(from_block=start, argument_filters=filters)
+        detected_at = block_time(lost[0]) if lost else None
+        replaced_at = block_time(replaced[0]) if replaced else None
+        recovered_at = None
+        if replaced_at is not None:
+            later = [log for log in market.events.ProofRecorded().get_logs(
+                from_block=replaced[0]["blockNumber"], argument_filters={"jobId": job_id})]
+            recovered_at = block_time(later[0]) if later else None
+        assert self.injected_at is not None
+        return {
+            "kind": self.kind,
+            "after_epoch": self.after_epoch,
+            "lender": self.lender,
+            "machine_id": self.machine_id,
+            "injected_at": round(self.injected_at, 3),
+            "detected_at": detected_at,
+            "detection_s": None if detected_at is None else round(detected_at - self.injected_at, 1),
+            "replacement_machine_id": int(replaced[0]["args"]["newMachineId"]) if replaced else None,
+            "recovered_at": recovered_at,
+            "recovery_s": None if recovered_at is None else round(recovered_at - self.injected_at, 1),
+            "slashed": int(lost[0]["args"]["slashed"]) if lost and self.kind != "reclaim" else 0,
+            "proofs_by_lost_lender": sorted(int(log["args"]["checkpointIndex"]) for log in proofs),
+            "paid_to_lost_lender": sum(int(log["args"]["payment"]) for log in proofs),
+        }
+
+
+def _run(net: LocalMarketplace, workers: int, epochs: int, started: float, echo: Any,
+         fault: Fault | None = None) -> dict[str, Any]:
     from deepmarket.results import download_result, fetch_result_manifest
     from deepmarket.training import digits
     from deepmarket.training.bundle import load_config
@@ -71,10 +150,11 @@ def _run(net: LocalMarketplace, workers: int, epochs: int, started: float, echo:
     client, store = net.client, net.store
     borrower = net.accounts["borrower"]
     net.start_coordinator()
-    for index in range(workers):
+    lenders = workers + (1 if fault else 0)  # a spare lender, so that a replacement exists
+    for index in range(lenders):
         net.start_lender(f"lender{index + 1}", price=PRICE_PER_CORE_HOUR)
-    net.wait_for(lambda: client.machine_count() >= workers, 120, "lender machines to register")
-    echo(f"coordinator and {workers} lender daemons running; market {client.market.address}")
+    net.wait_for(lambda: client.machine_count() >= lenders, 120, "lender machines to register")
+    echo(f"coordinator and {lenders} lender daemons running; market {client.market.address}")
     balances_before = net.balances()
 
     inputs = digits.write_demo_inputs(net.root / "borrower")
@@ -89,7 +169,11 @@ def _run(net: LocalMarketplace, workers: int, epochs: int, started: float, echo:
     echo(f"job {job_id} submitted: bundle {bundle_cid}, {workers} workers, {epochs} epochs, "
          f"{BUDGET / CREDIT:.0f} credits escrowed")
 
-    follow_job(net, job_id, epochs, echo)
+    def inject(index: int) -> None:
+        if fault is not None and fault.injected_at is None and index >= fault.after_epoch:
+            fault.inject(net, job_id, echo)
+
+    follow_job(net, job_id, epochs, echo, on_checkpoint=inject)
     wall_time_s = time.time() - submitted_at
     job = client.get_job(job_id)
     result = fetch_result_manifest(client, store, job_id)
@@ -99,7 +183,10 @@ def _run(net: LocalMarketplace, workers: int, epochs: int, started: float, echo:
 
     lenders = {name: a.address for name, a in net.accounts.items() if name.startswith("lender")}
     assigned = [w["lender"] for w in client.get_workers(job_id)]
-    net.wait_for(lambda: all(client.withdrawable(a) == 0 for a in assigned), 60, "lenders to claim their payouts")
+    # A killed lender's pay stays withdrawable until its owner runs `deepmarket lender claim`.
+    running = {net.accounts[name].address for name in net.processes if name.startswith("lender")}
+    net.wait_for(lambda: all(client.withdrawable(a) == 0 for a in assigned if a in running), 60,
+                 "lenders to claim their payouts")
     refund = operations.claim_payout(client, borrower)
     balances_after = net.balances()
     report = {
@@ -122,6 +209,8 @@ def _run(net: LocalMarketplace, workers: int, epochs: int, started: float, echo:
         "paid_to_lenders": job["paid"],
         "gas_used": gas_by_call(client, {name: a.address for name, a in net.accounts.items()}),
         "addresses": {name: a.address for name, a in net.accounts.items()},
+        "faults": [fault.report(client, job_id)] if fault else [],
+        "restarts": int(job["round"]) - 1,
     }
     _print_summary(report, echo)
     if sum(balances_before.values()) != sum(balances_after.values()):
@@ -133,7 +222,7 @@ def _run(net: LocalMarketplace, workers: int, epochs: int, started: float, echo:
 
 
 def follow_job(net: LocalMarketplace, job_id: int, epochs: int, echo: Any = print,
-               timeout_s: float = JOB_TIMEOUT_S) -> dict[str, Any]:
+               timeout_s: float = JOB_TIMEOUT_S, on_checkpoint: Any = None) -> dict[str, Any]:
     """Show a progress bar of the chief's proved checkpoints until the job completes; return the job."""
     from tqdm import tqdm
 
@@ -151,6 +240,8 @@ def follow_job(net: LocalMarketplace, job_id: int, epochs: int, echo: Any = prin
                     if "val_accuracy" in metrics:
                         bar.set_postfix(val_accuracy=f"{metrics['val_accuracy']:.3f}")
                     bar.update(1)
+                    if on_checkpoint is not None:
+                        on_checkpoint(index)
             if job["status"] == JOB_COMPLETED:
                 return job
             if job["status"] in (JOB_CANCELLED, JOB_FAILED, JOB_EXPIRED):
@@ -212,3 +303,11 @@ def _print_summary(report: dict[str, Any], echo: Any) -> None:
     echo(f"paid to lenders {fmt(report['paid_to_lenders'])}, refunded to the borrower {fmt(report['borrower_refund'])}")
     echo(f"dataset {report['dataset_cid']}")
     echo(f"result  {report['model_cid']} (final weights {report['weights_cid']})")
+    for fault in report["faults"]:
+        echo(f"fault: {fault['kind']} of {fault['lender']} (machine {fault['machine_id']}) after epoch "
+             f"{fault['after_epoch']}: detected after {fault['detection_s']} s, replaced by machine "
+             f"{fault['replacement_machine_id']}, training resumed {fault['recovery_s']} s after the fault; "
+             f"it proved checkpoints {fault['proofs_by_lost_lender']} and was paid {fmt(fault['paid_to_lost_lender'])}, "
+             f"slashed {fmt(fault['slashed'])}")
+    if report["faults"]:
+        echo(f"cluster restarts: {report['restarts']}")

@@ -139,6 +139,7 @@ class LocalMarketplace:
         if process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, sig)
+                os.killpg(process.pid, signal.SIGCONT)  # a frozen process acts on signals only once resumed
             try:
                 process.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
@@ -149,6 +150,14 @@ class LocalMarketplace:
         for child in descendants:
             with contextlib.suppress(psutil.Error):
                 child.kill()
+
+    def signal_process(self, name: str, sig: signal.Signals) -> None:
+        """Send `sig` to daemon `name` and every process it started (e.g. SIGSTOP to freeze a lender)."""
+        process = self.processes[name]
+        targets = [process.pid] + [child.pid for child in _descendants(process.pid)]
+        for pid in targets:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
 
     def start_coordinator(self, *extra: str) -> subprocess.Popen[bytes]:
         return self.start_process("coordinator", ["coordinator", "run", "--keystore",

@@ -256,8 +256,8 @@ class MarketClient:
         tx = self.transact(borrower, self.market.functions.cancelJob(job_id))
         return int(self.event(tx, self.market, "JobCancelled")["refund"])
 
-    def expire_job(self, sender: LocalAccount, job_id: int) -> dict[str, Any]:
-        tx = self.transact(sender, self.market.functions.expireJob(job_id))
+    def expire_job(self, sender: LocalAccount, job_id: int, gas_limit: int | None = None) -> dict[str, Any]:
+        tx = self.transact(sender, self.market.functions.expireJob(job_id), gas_limit=gas_limit)
         return self.event(tx, self.market, "JobExpired")
 
     def report_fault(self, coordinator: LocalAccount, job_id: int, machine_id: int) -> int:
@@ -270,6 +270,12 @@ class MarketClient:
 
     def report_ready(self, lender: LocalAccount, job_id: int, machine_id: int) -> None:
         self.transact(lender, self.market.functions.reportReady(job_id, machine_id))
+
+    def report_stopped(self, lender: LocalAccount, job_id: int, machine_id: int) -> None:
+        self.transact(lender, self.market.functions.reportStopped(job_id, machine_id))
+
+    def restart_cluster(self, coordinator: LocalAccount, job_id: int, cluster_spec_cid: str) -> None:
+        self.transact(coordinator, self.market.functions.restartCluster(job_id, cluster_spec_cid))
 
     def leave_job(self, lender: LocalAccount, job_id: int, machine_id: int) -> None:
         self.transact(lender, self.market.functions.leaveJob(job_id, machine_id))

@@ -40,6 +40,7 @@ HINTS: dict[str, str] = {
     "MarketCallerNotBorrower": "{caller} is not the borrower of job {jobId}",
     "MarketCallerNotLender": "{caller} is not the lender of machine {machineId}",
     "MarketWorkerNotActive": "machine {machineId} holds no active slot in job {jobId}",
+    "MarketSlotEmpty": "slot {slot} of job {jobId} is empty: replace its worker before restarting the cluster",
     "MarketJobNotExpirable": "job {jobId} is within its deadline and proof timeout: it cannot expire yet",
     "MarketJobDeadlinePassed": "job {jobId} passed its deadline {deadline}: expire it instead",
     "MarketMachineOwnedByBorrower": "machine {machineId} belongs to the borrower {borrower}",

@@ -30,8 +30,11 @@ logger = logging.getLogger(__name__)
 
 JOB_QUEUED, JOB_RUNNING = 1, 2
 CLUSTER_FORMAT = "deepmarket-cluster/1"
+# expireJob slashes and releases each worker. NOTE: 100k per worker is an estimate (a slash
+# and a release are two external calls with a few storage writes), not a measurement.
+EXPIRE_GAS_BASE, EXPIRE_GAS_PER_WORKER = 200_000, 100_000
 RESULT_FORMAT = "deepmarket-result/1"
-EVENTS = ("JobSubmitted", "JobAssigned", "WorkerReady", "ProofRecorded", "WorkerFaulted", "WorkerLeft",
+EVENTS = ("JobSubmitted", "JobAssigned", "WorkerReady", "WorkerStopped", "ProofRecorded", "WorkerFaulted", "WorkerLeft",
           "JobCompleted", "JobCancelled", "JobFailed", "JobExpired")
 TERMINAL = {"JobCompleted": "completed", "JobCancelled": "cancelled", "JobFailed": "failed", "JobExpired": "expired"}
 
@@ -47,6 +50,12 @@ class CoordinatorConfig:
     completion_grace_s: int = 60
     # A bundle that cannot be fetched this many times in a row fails its job.
     fetch_attempts: int = 3
+    # After the first worker of a round reports that it stopped, wait this long for the
+    # others: the worker that stays silent is the lost one. TF fails the surviving workers
+    # of a killed peer within ~7 s, and of a hung one within ~10 s (its heartbeat timeout).
+    loss_grace_s: int = 12
+    # A job whose cluster is restarted more often than this fails (and refunds the rest).
+    max_restarts: int = 5
     work_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "deepmarket-coordinator")
 
 
@@ -63,6 +72,7 @@ class Coordinator:
         self.tailer = EventTailer(client, self.db, "coordinator", EVENTS)
         self._fetch_failures: dict[int, int] = {}
         self._unmatched_logged: set[int] = set()
+        self._refill_logged: set[tuple[int, int]] = set()
 
     # ------------------------------------------------------------------ loop
 
@@ -84,6 +94,14 @@ class Coordinator:
         self.tailer.poll(self._on_event)
         self._schedule_queued()
         self._supervise_running()
+
+    def _now(self) -> int:
+        """Unix time for timeouts: the wall clock, or the latest block if the chain runs ahead.
+
+        The latest block alone would freeze time on a chain that mines only when a
+        transaction arrives, exactly when a stalled job sends none.
+        """
+        return max(self.client.latest_timestamp(), int(time.time()))
 
     # ------------------------------------------------------------------ events
 
@@ -107,6 +125,11 @@ class Coordinator:
             db.execute("UPDATE job_worker SET ready = 1 WHERE job_id = ? AND round = ? AND machine_id = ?",
                        (args["jobId"], args["round"], args["machineId"]))
             logger.info("worker ready: job %s round %s machine %s", args["jobId"], args["round"], args["machineId"])
+        elif event.name == "WorkerStopped":
+            timestamp = int(self.client.w3.eth.get_block(event.block)["timestamp"])
+            db.execute("INSERT OR IGNORE INTO stopped_worker VALUES (?, ?, ?, ?)",
+                       (args["jobId"], args["round"], args["machineId"], timestamp))
+            logger.info("worker stopped: job %s round %s machine %s", args["jobId"], args["round"], args["machineId"])
         elif event.name == "ProofRecorded":
             db.execute("INSERT OR IGNORE INTO proof VALUES (?, ?, ?, ?, ?, ?, ?)",
                        (args["jobId"], args["machineId"], args["checkpointIndex"], args["checkpointCid"],
@@ -131,6 +154,9 @@ class Coordinator:
             job = self.client.get_job(row.job_id)
             if job["status"] != JOB_QUEUED:
                 continue  # its event is on the way
+            if self._now() > job["deadline"]:
+                self._expire(row.job_id, 0)
+                continue
             needs[row.job_id] = JobNeeds(row.job_id, job["borrower"], job["workers"], job["min_cores"],
                                          job["min_memory_mib"], job["max_price_per_core_hour"])
         market = self.client.market.functions
@@ -147,7 +173,7 @@ class Coordinator:
             if epochs is None:
                 return
         machines = [self.client.get_machine(i) for i in range(1, self.client.machine_count() + 1)]
-        now = self.client.latest_timestamp()
+        now = self._now()
         min_stake = int(self.client.market.functions.minStake().call())
         chosen = select_machines(needs, machines, now, min_stake)
         if chosen is None:
@@ -202,31 +228,58 @@ class Coordinator:
     # ------------------------------------------------------------------ supervision
 
     def _supervise_running(self) -> None:
+        proof_timeout = int(self.client.market.functions.proofTimeout().call())
         for row in state.jobs_with_status(self.db, "running"):
             job = self.client.get_job(row.job_id)
             if job["status"] != JOB_RUNNING:
                 continue
-            now = self.client.latest_timestamp()
-            if now > job["deadline"] or now > job["last_progress_at"] + self.client.market.functions.proofTimeout().call():
-                self._expire(row.job_id)
+            now = self._now()
+            workers = self.client.get_workers(row.job_id)
+            vacant = any(not w["active"] for w in workers)
+            if now > job["deadline"] or (not vacant and now > job["last_progress_at"] + proof_timeout):
+                self._expire(row.job_id, len(workers))
                 continue
             if self._try_complete(row, job, now):
                 continue
             self._check_formation(row, job, now)
+            self._check_lost(row, job, now)
+            self._refill(row, self.client.get_job(row.job_id))
 
     def _check_formation(self, row: state.JobRow, job: dict[str, Any], now: int) -> None:
+        """Fault the workers of the current round that did not report ready in time."""
         workers = state.round_workers(self.db, row.job_id, job["round"])
-        silent = [(slot, machine_id) for slot, machine_id, ready in workers if not ready]
+        silent = [machine_id for _slot, machine_id, ready in workers if not ready]
         if not silent or row.assigned_at is None or now < row.assigned_at + self.config.formation_timeout_s:
             return
         active = {w["machine_id"] for w in self.client.get_workers(row.job_id) if w["active"]}
-        for _slot, machine_id in silent:
-            if machine_id not in active:
-                continue
-            logger.warning("worker lost: job %s machine %s did not report ready within %s s of round %s",
-                           row.job_id, machine_id, self.config.formation_timeout_s, job["round"])
-            self.client.report_fault(self.account, row.job_id, machine_id)
-        self._refill(row, job)
+        for machine_id in silent:
+            if machine_id in active:
+                logger.warning("worker lost: job %s machine %s did not report ready within %s s of round %s",
+                               row.job_id, machine_id, self.config.formation_timeout_s, job["round"])
+                self.client.report_fault(self.account, row.job_id, machine_id)
+
+    def _check_lost(self, row: state.JobRow, job: dict[str, Any], now: int) -> None:
+        """After workers report that their cluster broke, fault the silent ones or restart everyone."""
+        stopped = state.stopped_workers(self.db, row.job_id, job["round"])
+        if not stopped:
+            return
+        active = [w["machine_id"] for w in self.client.get_workers(row.job_id) if w["active"]]
+        silent = [m for m in active if m not in stopped]
+        first_report = min(stopped.values())
+        if silent and now < first_report + self.config.loss_grace_s:
+            return  # the other workers may still be reporting
+        if job["round"] > self.config.max_restarts:
+            self._fail(row.job_id, f"cluster restarted {job['round'] - 1} times without finishing")
+            return
+        if silent:
+            for machine_id in silent:
+                logger.warning("worker lost: job %s round %s machine %s stayed silent %s s after its peers "
+                               "reported the cluster broken", row.job_id, job["round"], machine_id, now - first_report)
+                self.client.report_fault(self.account, row.job_id, machine_id)
+            return  # _refill puts replacements in and starts the next round
+        spec = self._cluster_spec(row, active, round_=job["round"] + 1, resume=self._resume_point(row.job_id))
+        self.client.restart_cluster(self.account, row.job_id, self.store.add_json(spec))
+        logger.info("cluster restarted: job %s round %s on the same machines %s", row.job_id, job["round"] + 1, active)
 
     def _refill(self, row: state.JobRow, job: dict[str, Any]) -> None:
         """Put a replacement machine into every empty slot of a running job, if any qualifies."""
@@ -237,18 +290,21 @@ class Coordinator:
         needs = JobNeeds(row.job_id, job["borrower"], job["workers"], job["min_cores"], job["min_memory_mib"],
                          job["max_price_per_core_hour"])
         machines = [self.client.get_machine(i) for i in range(1, self.client.machine_count() + 1)]
-        now = self.client.latest_timestamp()
+        now = self._now()
         min_stake = int(self.client.market.functions.minStake().call())
         used = [w["machine_id"] for w in workers]
         replacements = select_machines(needs, machines, now, min_stake, count=len(empty), exclude=used)
         if replacements is None:
-            logger.warning("job %s has %s empty slots and no replacement machine; it waits until one frees up "
-                           "or the job expires", row.job_id, len(empty))
+            key = (row.job_id, job["round"])
+            if key not in self._refill_logged:
+                self._refill_logged.add(key)
+                logger.warning("job %s has %s empty slots and no replacement machine; it waits until one frees up "
+                               "or its deadline passes", row.job_id, len(empty))
             return
         ids = [w["machine_id"] for w in workers]
         for slot, machine_id in zip(empty, replacements, strict=True):
             ids[slot] = machine_id
-        resume = self._resume_point(row.job_id, workers[0]["machine_id"])
+        resume = self._resume_point(row.job_id)
         round_ = job["round"]
         for slot, machine_id in zip(empty, replacements, strict=True):
             round_ += 1
@@ -256,11 +312,12 @@ class Coordinator:
             self.client.replace_worker(self.account, row.job_id, slot, machine_id, self.store.add_json(spec))
             logger.info("worker replaced: job %s slot %s machine %s round %s", row.job_id, slot, machine_id, round_)
 
-    def _resume_point(self, job_id: int, chief_machine_id: int) -> dict[str, Any] | None:
-        cids = state.checkpoint_cids(self.db, job_id)
-        if not cids:
+    def _resume_point(self, job_id: int) -> dict[str, Any] | None:
+        """Where a restarted cluster starts: the highest checkpoint proved so far, if any."""
+        last = state.last_checkpoint(self.db, job_id)
+        if last is None:
             return None
-        return {"epoch": len(cids), "checkpoint_cid": cids[-1]}
+        return {"epoch": last[0], "checkpoint_cid": last[1]}
 
     def _try_complete(self, row: state.JobRow, job: dict[str, Any], now: int) -> bool:
         if row.epochs is None:
@@ -291,12 +348,14 @@ class Coordinator:
                     settled["refund"])
         return True
 
-    def _expire(self, job_id: int) -> None:
+    def _expire(self, job_id: int, worker_count: int) -> None:
         try:
-            expired = self.client.expire_job(self.account, job_id)
+            # A fixed gas limit: estimating against the latest, possibly older, block would
+            # reject an expiry that the block including it accepts.
+            expired = self.client.expire_job(self.account, job_id, gas_limit=EXPIRE_GAS_BASE + EXPIRE_GAS_PER_WORKER * worker_count)
             logger.info("job expired: job %s refund %s slashed %s", job_id, expired["refund"], expired["slashed"])
-        except ContractRevert as exc:
-            logger.debug("job %s not expirable yet: %s", job_id, exc)
+        except (ContractRevert, ChainError) as exc:
+            logger.warning("expiring job %s failed: %s", job_id, exc)
 
     def _fail(self, job_id: int, reason: str) -> None:
         logger.warning("job failed: job %s: %s", job_id, reason)

@@ -26,6 +26,10 @@ CREATE TABLE IF NOT EXISTS job_worker (
     ready INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (job_id, round, slot)
 );
+CREATE TABLE IF NOT EXISTS stopped_worker (
+    job_id INTEGER NOT NULL, round INTEGER NOT NULL, machine_id INTEGER NOT NULL, block_time INTEGER NOT NULL,
+    PRIMARY KEY (job_id, round, machine_id)
+);
 CREATE TABLE IF NOT EXISTS proof (
     job_id INTEGER NOT NULL, machine_id INTEGER NOT NULL, checkpoint_index INTEGER NOT NULL,
     checkpoint_cid TEXT NOT NULL, steps INTEGER NOT NULL, payment TEXT NOT NULL, block INTEGER NOT NULL,
@@ -75,6 +79,20 @@ def proofs_at(db: sqlite3.Connection, job_id: int, checkpoint_index: int) -> dic
     rows = db.execute("SELECT machine_id, checkpoint_cid FROM proof WHERE job_id = ? AND checkpoint_index = ?",
                       (job_id, checkpoint_index)).fetchall()
     return {int(m): str(c) for m, c in rows}
+
+
+def stopped_workers(db: sqlite3.Connection, job_id: int, round_: int) -> dict[int, int]:
+    """machine id -> block time of the WorkerStopped reports of one round."""
+    rows = db.execute("SELECT machine_id, block_time FROM stopped_worker WHERE job_id = ? AND round = ?",
+                      (job_id, round_)).fetchall()
+    return {int(m): int(t) for m, t in rows}
+
+
+def last_checkpoint(db: sqlite3.Connection, job_id: int) -> tuple[int, str] | None:
+    """(index, CID) of the highest checkpoint proved for a job, or None."""
+    row = db.execute("SELECT checkpoint_index, checkpoint_cid FROM proof WHERE job_id = ? "
+                     "ORDER BY checkpoint_index DESC LIMIT 1", (job_id,)).fetchone()
+    return (int(row[0]), str(row[1])) if row else None
 
 
 def checkpoint_cids(db: sqlite3.Connection, job_id: int) -> list[str]:

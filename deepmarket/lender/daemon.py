@@ -25,7 +25,14 @@ from deepmarket.bundles import fetch_bundle
 from deepmarket.chain.client import MarketClient
 from deepmarket.chain.events import ChainEvent, EventTailer, open_state_db
 from deepmarket.chain.typed_data import WorkReceipt, sign_typed, work_receipt_message
-from deepmarket.errors import BundleError, ChainError, ContractRevert, DeepMarketError, StorageError
+from deepmarket.errors import (
+    BundleError,
+    ChainError,
+    ContentMismatchError,
+    ContractRevert,
+    DeepMarketError,
+    StorageError,
+)
 from deepmarket.lender.worker import WorkerProcess
 from deepmarket.market.machines import MachineSpec, host_resources, is_available, parse_windows
 from deepmarket.market.operations import claim_payout
@@ -34,7 +41,13 @@ from deepmarket.storage.cid import compute_file_cid
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "deepmarket-checkpoint/1"
+RECLAIM_REQUEST = "reclaim.request"  # written by `deepmarket lender reclaim`
+RESUME_REQUEST = "resume.request"  # written by `deepmarket lender resume`
+# Leave a job this long before the availability window closes (a checkpoint must fit in it).
+WINDOW_MARGIN_S = 300
 JOB_RUNNING = 2
+MACHINE_ACTIVE, MACHINE_PAUSED = 1, 2
+RETRY_FOR_S = 120  # how long one step of an assignment retries a chain or IPFS outage
 CLOCK_SKEW_S = 2  # seconds this host's clock may run ahead of the chain's block timestamps
 RECORD_PROOF_GAS = 500_000  # recordProof measured at up to ~230k gas
 EVENTS = ("JobAssigned", "WorkerFaulted", "JobCompleted", "JobFailed", "JobExpired", "JobCancelled")
@@ -91,6 +104,11 @@ class LenderDaemon:
         self._serving: tuple[int, int] | None = None  # (job id, round)
         self._lock = threading.Lock()
         self._jobs_to_claim: set[int] = set()
+        # Set when the owner reclaims the machine or its window is about to close: the worker
+        # leaves the job right after its next proved checkpoint.
+        self._leave_after_checkpoint = threading.Event()
+        self._pause_after_leave = False
+        self._intentional_stop: set[tuple[int, int]] = set()  # rounds stopped on purpose
 
     # ------------------------------------------------------------------ machine
 
@@ -155,9 +173,52 @@ class LenderDaemon:
 
     def step(self) -> None:
         self.tailer.poll(self._on_event)
+        self._handle_owner_requests()
         self._start_pending()
         if self.config.auto_claim and self._jobs_to_claim:
             self.claim()
+
+    def _handle_owner_requests(self) -> None:
+        reclaim = self.config.work_dir / RECLAIM_REQUEST
+        resume = self.config.work_dir / RESUME_REQUEST
+        if reclaim.exists():
+            reclaim.unlink()
+            logger.info("reclaim requested by the owner: machine %s", self.machine_id)
+            self._pause_after_leave = True
+            if self._serving_job() is None:
+                self._pause_machine()
+            else:
+                self._leave_after_checkpoint.set()
+        if resume.exists():
+            resume.unlink()
+            if self.client.get_machine(self.machine_id)["status"] == MACHINE_PAUSED:
+                self.client.transact(self.account, self.client.registry.functions.resumeMachine(self.machine_id))
+                logger.info("machine resumed by the owner: machine %s", self.machine_id)
+        serving = self._serving_job()
+        closing = not is_available(self.spec.availability_mask, int(time.time()) + WINDOW_MARGIN_S)
+        if serving is not None and closing and not self._leave_after_checkpoint.is_set():
+            logger.info("availability window closes soon: machine %s leaves job %s after its next checkpoint",
+                        self.machine_id, serving)
+            self._leave_after_checkpoint.set()
+
+    def _pause_machine(self) -> None:
+        self._pause_after_leave = False
+        if self.client.get_machine(self.machine_id)["status"] == MACHINE_ACTIVE:
+            self.client.transact(self.account, self.client.registry.functions.pauseMachine(self.machine_id))
+            logger.info("machine paused for its owner: machine %s", self.machine_id)
+
+    def _leave(self, job_id: int, round_: int) -> None:
+        """Stop the worker on purpose, give the slot back without a slash, and pause if the owner asked."""
+        self._intentional_stop.add((job_id, round_))
+        self._stop_if_serving(job_id)
+        try:
+            self.client.leave_job(self.account, job_id, self.machine_id)
+            logger.info("worker left: job %s round %s machine %s", job_id, round_, self.machine_id)
+        except ContractRevert as exc:
+            logger.warning("leaving job %s failed: %s", job_id, exc)
+        self._leave_after_checkpoint.clear()
+        if self._pause_after_leave:
+            self._pause_machine()
 
     def claim(self) -> int:
         amount = claim_payout(self.client, self.account)
@@ -175,11 +236,18 @@ class LenderDaemon:
         elif event.name == "WorkerFaulted":
             if int(args["machineId"]) == self.machine_id:
                 logger.warning("worker faulted by the coordinator: job %s machine %s", job_id, self.machine_id)
+                self._mark_intentional(job_id)
                 self._stop_if_serving(job_id)
         elif self._serving_job() == job_id or self._served(job_id):
             logger.info("job ended (%s): job %s", event.name, job_id)
+            self._mark_intentional(job_id)
             self._stop_if_serving(job_id)
             self._jobs_to_claim.add(job_id)
+
+    def _mark_intentional(self, job_id: int) -> None:
+        with self._lock:
+            if self._serving is not None and self._serving[0] == job_id:
+                self._intentional_stop.add(self._serving)
 
     def _served(self, job_id: int) -> bool:
         return self.db.execute("SELECT 1 FROM assignment WHERE job_id = ?", (job_id,)).fetchone() is not None
@@ -197,6 +265,10 @@ class LenderDaemon:
             if job["status"] != JOB_RUNNING or job["round"] != round_ or not mine:
                 self._set_status(job_id, round_, "skipped")  # superseded by a later round or over
                 continue
+            with self._lock:
+                old = self._serving
+            if old is not None:
+                self._intentional_stop.add(old)
             self._stop_if_serving(job_id)
             self._set_status(job_id, round_, "running")
             with self._lock:
@@ -221,9 +293,30 @@ class LenderDaemon:
             with self._lock:
                 if self._serving == (job_id, round_):
                     self._serving = None
+                worker = self._worker if self._worker is not None and self._worker.round == round_ else None
+            if worker is not None and worker.returncode is None:
+                # Nobody reads its events any more, so nobody would prove its work: stop it.
+                self._intentional_stop.add((job_id, round_))
+                worker.stop()
+
+    def _retry(self, what: str, action: Any) -> Any:
+        """Run `action()`, retrying chain and IPFS outages with exponential backoff for up to RETRY_FOR_S."""
+        deadline = time.monotonic() + RETRY_FOR_S
+        delay, attempt = 1.0, 1
+        while True:
+            try:
+                return action()
+            except (ContractRevert, ContentMismatchError, BundleError):
+                raise  # a definite answer, not an outage
+            except (ChainError, StorageError, OSError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                logger.warning("%s failed (attempt %s), retrying in %.0f s: %s", what, attempt, delay, exc)
+                time.sleep(delay)
+                delay, attempt = min(delay * 2, 30.0), attempt + 1
 
     def _serve_round(self, job_id: int, round_: int, spec_cid: str) -> None:
-        spec = self.store.get_json(spec_cid)
+        spec = self._retry(f"fetching cluster spec {spec_cid}", lambda: self.store.get_json(spec_cid))
         slots = [w for w in spec["workers"] if int(w["machine_id"]) == self.machine_id]
         if not slots:
             raise ChainError(f"cluster spec {spec_cid} of job {job_id} does not list machine {self.machine_id}")
@@ -234,7 +327,8 @@ class LenderDaemon:
             self.client.leave_job(self.account, job_id, self.machine_id)
             return
         job_dir = self.config.work_dir / f"job-{job_id}"
-        bundle = fetch_bundle(self.store, spec["bundle_cid"], job_dir / "bundle")
+        bundle = self._retry(f"fetching bundle {spec['bundle_cid']}",
+                             lambda: fetch_bundle(self.store, spec["bundle_cid"], job_dir / "bundle"))
         initial_weights, initial_epoch = None, 0
         if spec.get("resume"):
             checkpoint = self.store.get_json(spec["resume"]["checkpoint_cid"])
@@ -242,27 +336,51 @@ class LenderDaemon:
             initial_weights = self.store.get_file(checkpoint["weights_cid"],
                                                   job_dir / f"resume-epoch-{initial_epoch:04d}.weights.h5")
         endpoints = [w["endpoint"] for w in sorted(spec["workers"], key=lambda w: int(w["slot"]))]
-        worker = WorkerProcess(job_id=job_id, round_=round_, endpoints=endpoints, slot=slot, model=bundle.model_path,
-                               dataset=bundle.dataset_path, config=bundle.config_path,
-                               workdir=job_dir / f"round-{round_}", cores=self.spec.cores,
-                               memory_mib=self.spec.memory_mib, initial_weights=initial_weights,
-                               initial_epoch=initial_epoch, extra_args=self.config.worker_args)
         with self._lock:
+            if self._serving != (job_id, round_):
+                return  # a later round or the end of the job arrived while the bundle was fetched
+            worker = WorkerProcess(
+                job_id=job_id, round_=round_, endpoints=endpoints, slot=slot, model=bundle.model_path,
+                dataset=bundle.dataset_path, config=bundle.config_path, workdir=job_dir / f"round-{round_}",
+                cores=self.spec.cores, memory_mib=self.spec.memory_mib, initial_weights=initial_weights,
+                initial_epoch=initial_epoch, extra_args=self.config.worker_args)
             self._worker = worker
         chief_machine = int(next(w["machine_id"] for w in spec["workers"] if int(w["slot"]) == 0))
         for event in worker.iter_events():
             kind = event["event"]
             if kind == "started":
-                self.client.report_ready(self.account, job_id, self.machine_id)
+                self._retry(f"reporting ready for job {job_id}",
+                            lambda: self.client.report_ready(self.account, job_id, self.machine_id))
                 logger.info("worker ready: job %s round %s machine %s slot %s", job_id, round_, self.machine_id, slot)
+            elif kind == "first_step":
+                logger.info("first training step: job %s round %s machine %s at unix time %.3f", job_id, round_,
+                            self.machine_id, float(event.get("time", time.time())))
             elif kind == "checkpoint":
-                self._prove(job_id, round_, slot, chief_machine, event)
+                self._retry(f"proving checkpoint {event.get('epoch')} of job {job_id}",
+                            lambda event=event: self._prove(job_id, round_, slot, chief_machine, event))
+                if self._leave_after_checkpoint.is_set():
+                    self._leave(job_id, round_)
             elif kind == "failed":
                 logger.error("worker failed: job %s round %s machine %s: %s", job_id, round_, self.machine_id,
                              event.get("error"))
         logger.info("worker exited: job %s round %s machine %s code %s", job_id, round_, self.machine_id,
                     worker.returncode)
         self._set_status(job_id, round_, "done")
+        if worker.returncode != 0 and (job_id, round_) not in self._intentional_stop:
+            self._report_stopped(job_id, round_)
+
+    def _report_stopped(self, job_id: int, round_: int) -> None:
+        """Tell the coordinator our worker stopped early, if the job still runs this round with us in it."""
+        job = self.client.get_job(job_id)
+        mine = any(w["machine_id"] == self.machine_id and w["active"] for w in self.client.get_workers(job_id))
+        if job["status"] != JOB_RUNNING or job["round"] != round_ or not mine:
+            return
+        try:
+            self.client.report_stopped(self.account, job_id, self.machine_id)
+            logger.warning("worker stopped early, reported: job %s round %s machine %s", job_id, round_,
+                           self.machine_id)
+        except ContractRevert as exc:
+            logger.warning("reporting the stopped worker of job %s failed: %s", job_id, exc)
 
     def _prove(self, job_id: int, round_: int, slot: int, chief_machine: int, event: dict[str, Any]) -> None:
         epoch = int(event["epoch"])
@@ -292,7 +410,7 @@ class LenderDaemon:
             # reject a claim that the including block accepts.
             payment = self.client.record_proof(self.account, receipt, sign_typed(self.account, message),
                                                gas_limit=RECORD_PROOF_GAS)
-        except (ContractRevert, ChainError) as exc:
+        except ContractRevert as exc:
             logger.error("proof rejected: job %s machine %s checkpoint %s: %s", job_id, self.machine_id, epoch, exc)
             return
         logger.info("proof recorded: job %s machine %s checkpoint %s core-seconds %s payment %s", job_id,
