@@ -8,12 +8,15 @@ event) never assigns, faults or completes a job twice.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from deepmarket.chain.events import ChainEvent, EventTailer, open_state_db
 from deepmarket.coordinator import state
 from deepmarket.errors import BundleError, ChainError, ContractRevert, StorageError
 from deepmarket.market.matching import JobNeeds, fair_share_order, rejection_reason, select_machines
+from deepmarket.storage.store import IpfsStore
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +75,10 @@ class Coordinator:
         state.init_schema(self.db)
         self.tailer = EventTailer(client, self.db, "coordinator", EVENTS)
         self._fetch_failures: dict[int, int] = {}
+        # One bundle check at a time, on its own IPFS connection (ipfshttpclient sessions are not thread-safe).
+        self._validator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bundle-check")
+        self._validations: dict[int, Future[Any]] = {}
+        self._validation_store = IpfsStore(store.api_addr) if isinstance(store, IpfsStore) else store
         self._unmatched_logged: set[int] = set()
         self._refill_logged: set[tuple[int, int]] = set()
 
@@ -94,6 +102,18 @@ class Coordinator:
         self.tailer.poll(self._on_event)
         self._schedule_queued()
         self._supervise_running()
+
+    @contextlib.contextmanager
+    def _isolated(self, action: str, job_id: int) -> Iterator[None]:
+        """Keep one job's failure from stopping the others; chain and IPFS outages still propagate."""
+        try:
+            yield
+        except ContractRevert as exc:
+            logger.warning("%s job %s: transaction rejected, retrying next step: %s", action, job_id, exc)
+        except (ChainError, StorageError, OSError):
+            raise
+        except Exception:
+            logger.exception("%s job %s failed; retrying next step", action, job_id)
 
     def _now(self) -> int:
         """Unix time for timeouts: the wall clock, or the latest block if the chain runs ahead.
@@ -165,7 +185,8 @@ class Coordinator:
         for job_needs in fair_share_order(needs.values(), lent, borrowed):
             row = state.get_job(self.db, job_needs.job_id)
             if row is not None:
-                self._schedule_job(row, job_needs)
+                with self._isolated("scheduling", row.job_id):
+                    self._schedule_job(row, job_needs)
 
     def _schedule_job(self, row: state.JobRow, needs: JobNeeds) -> None:
         if row.epochs is None:
@@ -192,13 +213,27 @@ class Coordinator:
             logger.warning("assignment of job %s to machines %s rejected, retrying later: %s", row.job_id, chosen, exc)
 
     def _check_bundle(self, row: state.JobRow) -> int | None:
-        """Fetch and validate a queued job's bundle; fail the job if it is invalid. Returns its epochs."""
-        from deepmarket import bundles  # validation imports TensorFlow lazily
+        """Fetch and validate a queued job's bundle in the background; fail the job if it is invalid.
 
+        Returns the bundle's epochs once it is valid, None while the check runs or after a
+        failure. Fetching waits up to the store's resolve timeout per attempt, so it runs
+        beside the loop instead of holding up every other job.
+        """
+        future = self._validations.get(row.job_id)
+        if future is None:
+            from deepmarket import bundles  # validation imports TensorFlow lazily
+
+            self._validations[row.job_id] = self._validator.submit(
+                bundles.fetch_and_validate, self._validation_store, row.bundle_cid,
+                self.config.work_dir / f"job-{row.job_id}")
+            return None
+        if not future.done():
+            return None
+        del self._validations[row.job_id]
         try:
-            manifest = bundles.fetch_and_validate(self.store, row.bundle_cid, self.config.work_dir / f"job-{row.job_id}")
+            manifest = future.result()
         except BundleError as exc:
-            self._fail(row.job_id, f"invalid bundle {row.bundle_cid}: {exc}")
+            self._fail(row.job_id, f"invalid bundle: {exc}")
             return None
         except StorageError as exc:
             failures = self._fetch_failures.get(row.job_id, 0) + 1
@@ -210,8 +245,7 @@ class Coordinator:
                                self.config.fetch_attempts, exc)
             return None
         epochs = int(manifest.config.epochs)
-        with self.db:
-            self.db.execute("UPDATE job SET epochs = ? WHERE job_id = ?", (epochs, row.job_id))
+        self.db.execute("UPDATE job SET epochs = ? WHERE job_id = ?", (epochs, row.job_id))
         logger.info("bundle valid: job %s bundle %s epochs %s", row.job_id, row.bundle_cid, epochs)
         return epochs
 
@@ -239,11 +273,12 @@ class Coordinator:
             if now > job["deadline"] or (not vacant and now > job["last_progress_at"] + proof_timeout):
                 self._expire(row.job_id, len(workers))
                 continue
-            if self._try_complete(row, job, now):
-                continue
-            self._check_formation(row, job, now)
-            self._check_lost(row, job, now)
-            self._refill(row, self.client.get_job(row.job_id))
+            with self._isolated("supervising", row.job_id):
+                if self._try_complete(row, job, now):
+                    continue
+                self._check_formation(row, job, now)
+                self._check_lost(row, job, now)
+                self._refill(row, self.client.get_job(row.job_id))
 
     def _check_formation(self, row: state.JobRow, job: dict[str, Any], now: int) -> None:
         """Fault the workers of the current round that did not report ready in time."""
