@@ -2,10 +2,10 @@
 
     .venv/bin/python bench/failure_recovery.py [--epochs 6] [--after-epoch 3] [--runs 1]
 
-For each fault (a lender killed with SIGKILL, and a lender frozen with SIGSTOP) it runs the
-demo job with one spare lender and reads back from the chain: detection (fault injected to
-the WorkerFaulted transaction), recovery (fault injected to the first checkpoint proved
-after the replacement), restarts, and the job's held-out accuracy. Results go into
+It runs the demo job with one spare lender for each fault: a lender killed with SIGKILL,
+and a lender frozen with SIGSTOP. From the chain it reads the detection time (fault
+injected to the WorkerFaulted transaction), the recovery time (fault injected to the first
+checkpoint proved after the replacement), the restarts, and the held-out accuracy. Results go into
 docs/benchmarks.md.
 """
 

@@ -87,7 +87,7 @@ def run_marketplace(inputs: digits.DemoInputs, config: TrainingConfig, workers: 
         submitted = time.time()
         job_id = operations.submit_signed_job(net.client, net.accounts["borrower"], net.accounts["borrower"], request)
         follow_job(net, job_id, config.epochs, echo=lambda *_: None)
-        # The job completes on chain after the coordinator sees every final receipt.
+        # The job completes on chain once the coordinator has received every final receipt.
         finished = time.time() - submitted
         first_steps = []
         for index in range(workers):

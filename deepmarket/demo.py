@@ -1,9 +1,9 @@
 """The end-to-end demo: a real distributed TensorFlow job bought with credits.
 
-On a :class:`~deepmarket.localnet.LocalMarketplace` (local Ganache chain, local IPFS node,
-contracts, a coordinator and N lender daemons as separate processes with their own
-encrypted keys), a borrower submits a signed job that trains a small Keras model on
-scikit-learn's bundled handwritten digits across N workers. The demo follows its
+It runs on a :class:`~deepmarket.localnet.LocalMarketplace`: a local Ganache chain, a local
+IPFS node, the contracts, and a coordinator and N lender daemons as separate processes with
+their own encrypted keys. A borrower submits a signed job that trains a small Keras model
+on scikit-learn's bundled handwritten digits across N workers. The demo follows its
 checkpoints, evaluates the trained model on the held-out test split that never left the
 borrower, checks that every credit is accounted for, prints a summary and writes it to
 ``build/demo-report.json``. Every process it starts is stopped on exit, Ctrl-C included.
@@ -42,10 +42,10 @@ def run_demo(workers: int = 3, epochs: int = 8, out_dir: Path | None = None, ech
              hang_lender_after_epoch: int | None = None) -> dict[str, Any]:
     """Run the demo job end to end and return its report.
 
-    With `kill_lender_after_epoch` K, the lender of slot 1 (slot 0 for a single worker) is
-    killed with SIGKILL, daemon and worker, once the chief proved checkpoint K; with
-    `reclaim_lender_after_epoch` K its owner reclaims it instead, and with
-    `hang_lender_after_epoch` K its daemon and worker are frozen with SIGSTOP. A fault starts one
+    A fault hits the lender of slot 1 (slot 0 for a single worker) once the chief proved
+    checkpoint K. With `kill_lender_after_epoch` K its daemon and worker are killed with
+    SIGKILL. With `hang_lender_after_epoch` K they are frozen with SIGSTOP. With
+    `reclaim_lender_after_epoch` K its owner reclaims the machine. A fault starts one
     spare lender so that a replacement exists.
     """
     requested = {"kill": kill_lender_after_epoch, "reclaim": reclaim_lender_after_epoch,
@@ -107,7 +107,7 @@ class Fault:
             echo(f"\nfault: the owner of {self.lender} (machine {self.machine_id}) reclaims it")
 
     def report(self, client: MarketClient, job_id: int) -> dict[str, Any]:
-        """What happened after the injection, read back from the job's contract events."""
+        """Read back from the job's contract events what happened after the injection."""
         w3, market, start = client.w3, client.market, client.deployment.block
         block_time = lambda log: int(w3.eth.get_block(log["blockNumber"])["timestamp"])  # noqa: E731
         filters = {"jobId": job_id, "machineId": self.machine_id}

@@ -40,7 +40,7 @@ DEFAULT_PROOF_TIMEOUT_S = 600
 
 @dataclass(frozen=True)
 class Deployment:
-    """Where the three contracts live on one chain."""
+    """Addresses of the three contracts on one chain."""
 
     chain_id: int
     token: str
@@ -64,7 +64,7 @@ class Deployment:
 
 
 def connect(rpc_url: str, timeout_s: float = 10.0) -> Web3:
-    """Return a Web3 connected to `rpc_url`, or raise ChainError if it does not answer."""
+    """Return a Web3 connected to `rpc_url`; raise ChainError if no node responds there."""
     w3 = Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": 30}))
     deadline = time.monotonic() + timeout_s
     while True:
@@ -73,7 +73,7 @@ def connect(rpc_url: str, timeout_s: float = 10.0) -> Web3:
             return w3
         except Exception as exc:  # requests raises several types; all mean "not reachable yet"
             if time.monotonic() > deadline:
-                raise ChainError(f"no Ethereum JSON-RPC node answers at {_redact(rpc_url)}: start the chain "
+                raise ChainError(f"no Ethereum JSON-RPC node responds at {_redact(rpc_url)}: start the chain "
                                  f"(`deepmarket chain start`) or fix the RPC setting ({type(exc).__name__})") from exc
             time.sleep(0.25)
 

@@ -14,7 +14,7 @@ from deepmarket.errors import ContractRevert
 
 CREDIT = 10**18
 
-# What to do about each error the contracts raise. Placeholders are the error's arguments.
+# Next step for each error the contracts raise. Placeholders are the error's arguments.
 HINTS: dict[str, str] = {
     "MarketPriceAboveCap": "machine {machineId} costs {price} per core-hour, above the job's cap {cap}: "
                            "choose a cheaper machine or raise maxPricePerCoreHour",
@@ -84,7 +84,7 @@ def _canonical_type(arg: dict[str, Any]) -> str:
 
 def decode_revert(data: str | bytes) -> ContractRevert | None:
     """Decode ABI-encoded revert data; None if the selector belongs to no known error."""
-    raw = bytes.fromhex(data[2:] if data.startswith("0x") else data) if isinstance(data, str) else data
+    raw = bytes.fromhex(data.removeprefix("0x")) if isinstance(data, str) else data
     if len(raw) < 4:
         return None
     entry = _selectors().get(raw[:4])
@@ -92,8 +92,13 @@ def decode_revert(data: str | bytes) -> ContractRevert | None:
         return None
     name, types, names = entry
     values = abi_decode(types, raw[4:])
-    args = {n: (to_checksum_address(v) if t == "address" else v.hex() if isinstance(v, bytes) else v)
-            for n, t, v in zip(names, types, values, strict=True)}
+    args: dict[str, Any] = {}
+    for arg_name, arg_type, value in zip(names, types, values, strict=True):
+        if arg_type == "address":
+            value = to_checksum_address(value)
+        elif isinstance(value, bytes):
+            value = value.hex()
+        args[arg_name] = value
     if "status" in args:
         args["status_name"] = JOB_STATUS_NAMES[args["status"]] if args["status"] < len(JOB_STATUS_NAMES) else "?"
     rendered = ", ".join(f"{k}={v}" for k, v in args.items() if k != "status_name")

@@ -348,7 +348,7 @@ class Coordinator:
             logger.info("worker replaced: job %s slot %s machine %s round %s", row.job_id, slot, machine_id, round_)
 
     def _resume_point(self, job_id: int) -> dict[str, Any] | None:
-        """Where a restarted cluster starts: the highest checkpoint proved so far, if any."""
+        """Return the resume point of a restarted cluster: the highest checkpoint proved so far, if any."""
         last = state.last_checkpoint(self.db, job_id)
         if last is None:
             return None

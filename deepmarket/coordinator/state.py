@@ -96,7 +96,7 @@ def last_checkpoint(db: sqlite3.Connection, job_id: int) -> tuple[int, str] | No
 
 
 def checkpoint_cids(db: sqlite3.Connection, job_id: int) -> list[str]:
-    """The distinct checkpoint CIDs of a job, in checkpoint order."""
+    """Return the distinct checkpoint CIDs of a job, in checkpoint order."""
     rows = db.execute("SELECT checkpoint_index, checkpoint_cid FROM proof WHERE job_id = ? ORDER BY checkpoint_index",
                       (job_id,)).fetchall()
     seen: dict[int, str] = {}

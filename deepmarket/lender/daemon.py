@@ -1,10 +1,10 @@
 """The lender daemon: registers a machine, runs the TF workers it is assigned, proves each
 checkpoint with a signed work receipt and claims its payouts.
 
-Flow per assignment (a ``JobAssigned`` event naming this machine, for the job's current
-round): fetch the cluster spec and the bundle from IPFS (CIDs verified), check the
-availability window, launch the worker under resource limits, report ready on chain, and
-for every finished epoch submit a receipt. The chief (slot 0) pins its weights and a
+An assignment is a ``JobAssigned`` event that names this machine, for the job's current
+round. For each one the daemon fetches the cluster spec and the bundle from IPFS (CIDs
+verified) and checks the availability window. It then launches the worker under resource
+limits, reports ready on chain, and submits a receipt for every finished epoch. The chief (slot 0) pins its weights and a
 checkpoint manifest; every other worker computes the CID of its own weights, waits for the
 chief's receipt and signs the same manifest CID only if the weights match.
 """
@@ -63,7 +63,7 @@ CREATE TABLE IF NOT EXISTS assignment (
 
 @dataclass
 class LenderConfig:
-    """What a lender offers and where the daemon keeps its files."""
+    """Settings of a lender daemon: the machine it offers and the folder for its files."""
 
     work_dir: Path
     tf_port: int
@@ -141,7 +141,7 @@ class LenderDaemon:
         return self.machine_id
 
     def _report_lost_assignment(self, job_id: int) -> None:
-        """A restarted daemon no longer has its worker: leave the job so the coordinator can replace it."""
+        """Leave the job this machine served before the daemon restarted, because its worker died with the old daemon."""
         job = self.client.get_job(job_id)
         if job["status"] != JOB_RUNNING:
             return
@@ -295,7 +295,7 @@ class LenderDaemon:
                     self._serving = None
                 worker = self._worker if self._worker is not None and self._worker.round == round_ else None
             if worker is not None and worker.returncode is None:
-                # Nobody reads its events any more, so nobody would prove its work: stop it.
+                # No thread reads the worker's events any more, so its work would go unproved: stop it.
                 self._intentional_stop.add((job_id, round_))
                 worker.stop()
 
@@ -307,7 +307,7 @@ class LenderDaemon:
             try:
                 return action()
             except (ContractRevert, ContentMismatchError, BundleError):
-                raise  # a definite answer, not an outage
+                raise  # a definite rejection, which a retry would not change
             except (ChainError, StorageError, OSError) as exc:
                 if time.monotonic() + delay > deadline:
                     raise

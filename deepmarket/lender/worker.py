@@ -1,8 +1,8 @@
 """One TensorFlow worker process run by a lender: launch, resource limits, events, stop.
 
 Limits: the worker is pinned to at most the number of cores the machine offers
-(``sched_setaffinity``), runs at a lower priority than the owner's own work (nice 10), and
-a watchdog kills it when its resident memory exceeds the offered memory. Memory is polled
+(``sched_setaffinity``) and runs at a lower priority than the owner's own work (nice 10).
+A watchdog kills it when its resident memory exceeds the offered memory. Memory is polled
 (every second) because an address-space rlimit would break TensorFlow, which reserves far
 more virtual memory than it uses.
 """

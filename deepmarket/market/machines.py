@@ -25,7 +25,7 @@ DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 @dataclass(frozen=True)
 class MachineSpec:
-    """What a lender declares about a machine; field order matches MachineRegistry.MachineSpec."""
+    """Machine description a lender declares. The field order matches MachineRegistry.MachineSpec."""
 
     cores: int
     memory_mib: int
