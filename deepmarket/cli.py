@@ -243,6 +243,10 @@ def register_daemon_commands(commands: Any) -> None:
     status = job.add_parser("status", help="a job's state, workers and proofs")
     status.add_argument("job_id", type=int)
     status.set_defaults(handler=cmd_job_status)
+    logs = job.add_parser("logs", help="a job's history from its contract events (--follow to stream it)")
+    logs.add_argument("job_id", type=int)
+    logs.add_argument("--follow", action="store_true", help="keep printing new events until the job ends")
+    logs.set_defaults(handler=cmd_job_logs)
     result = job.add_parser("result", help="download a completed job's trained model")
     result.add_argument("job_id", type=int)
     result.add_argument("--out", type=Path, default=Path("trained-model.keras"), help="model file to write")
@@ -329,6 +333,15 @@ def cmd_job_status(args: argparse.Namespace, settings: Settings) -> int:
     job["proofs"] = [{k: log["args"][k] for k in ("machineId", "checkpointIndex", "steps", "payment", "checkpointCid")}
                      for log in proofs]
     print(json.dumps(job, indent=2, default=str))
+    return 0
+
+
+def cmd_job_logs(args: argparse.Namespace, settings: Settings) -> int:
+    from deepmarket.market.history import job_history
+
+    client = _client(settings)
+    for line in job_history(client, args.job_id, follow=args.follow):
+        print(line, flush=True)
     return 0
 
 

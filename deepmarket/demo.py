@@ -178,6 +178,7 @@ def _run(net: LocalMarketplace, workers: int, epochs: int, started: float, echo:
     job = client.get_job(job_id)
     result = fetch_result_manifest(client, store, job_id)
     model_path = download_result(client, store, job_id, net.root / "borrower" / "trained-model.keras")
+    trained_model_cid = store.add_file(model_path)
     accuracy = digits.evaluate(model_path, inputs.dataset_path)
     echo(f"held-out accuracy of the trained model: {accuracy:.4f}")
 
@@ -199,7 +200,8 @@ def _run(net: LocalMarketplace, workers: int, epochs: int, started: float, echo:
         "demo_time_s": round(time.monotonic() - started, 2),
         "dataset_cid": dataset_cid,
         "bundle_cid": bundle_cid,
-        "model_cid": job["result_cid"],
+        "model_cid": trained_model_cid,
+        "result_cid": job["result_cid"],
         "weights_cid": result["weights_cid"],
         "checkpoint_cids": result["checkpoint_cids"],
         "balances_before": balances_before,
@@ -302,7 +304,8 @@ def _print_summary(report: dict[str, Any], echo: Any) -> None:
          f"{fmt(sum(report['balances_after'].values())):>16}")
     echo(f"paid to lenders {fmt(report['paid_to_lenders'])}, refunded to the borrower {fmt(report['borrower_refund'])}")
     echo(f"dataset {report['dataset_cid']}")
-    echo(f"result  {report['model_cid']} (final weights {report['weights_cid']})")
+    echo(f"trained model {report['model_cid']} (result manifest {report['result_cid']}, "
+         f"final weights {report['weights_cid']})")
     for fault in report["faults"]:
         echo(f"fault: {fault['kind']} of {fault['lender']} (machine {fault['machine_id']}) after epoch "
              f"{fault['after_epoch']}: detected after {fault['detection_s']} s, replaced by machine "

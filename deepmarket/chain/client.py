@@ -158,6 +158,18 @@ class MarketClient:
         with self._send_lock:
             return send_transaction(self.w3, account, call, label, self.gas, gas_limit=gas_limit)
 
+    def read(self, call: ContractFunction) -> Any:
+        """Run a view call, turning a revert into ContractRevert like :meth:`transact` does."""
+        try:
+            return call.call()
+        except ContractCustomError as exc:
+            raise _revert_error(exc.data, call.fn_name) from exc
+        except ContractLogicError as exc:
+            data = exc.data.get("result") if isinstance(exc.data, dict) else exc.data
+            if isinstance(data, str) and decode_revert(data) is not None:
+                raise _revert_error(data, call.fn_name) from exc
+            raise ChainError(f"{call.fn_name} reverted: {exc.message or exc}") from exc
+
     def event(self, receipt: TxReceipt, contract: Contract, event_name: str) -> dict[str, Any]:
         """Return the args of the first `event_name` log in `receipt`."""
         logs = getattr(contract.events, event_name)().process_receipt(receipt, errors=DISCARD)
@@ -193,7 +205,7 @@ class MarketClient:
         return int(self.event(receipt, self.registry, "MachineRegistered")["machineId"])
 
     def get_machine(self, machine_id: int) -> dict[str, Any]:
-        lender, status, stake, locked_by, spec = self.registry.functions.getMachine(machine_id).call()
+        lender, status, stake, locked_by, spec = self.read(self.registry.functions.getMachine(machine_id))
         cores, memory_mib, gpus, score, price, mask, endpoint = spec
         return {"machine_id": machine_id, "lender": lender, "status": status, "stake": stake,
                 "locked_by": locked_by, "cores": cores, "memory_mib": memory_mib, "gpus": gpus,
@@ -224,7 +236,7 @@ class MarketClient:
         fields = ("borrower", "status", "workers", "round", "min_cores", "min_memory_mib", "deadline",
                   "last_progress_at", "budget", "escrow", "paid", "max_price_per_core_hour", "bundle_cid",
                   "cluster_spec_cid", "result_cid")
-        values = self.market.functions.getJob(job_id).call()
+        values = self.read(self.market.functions.getJob(job_id))
         return {"job_id": job_id, **dict(zip(fields, values, strict=True))}
 
     def get_workers(self, job_id: int) -> list[dict[str, Any]]:
