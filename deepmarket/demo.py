@@ -66,6 +66,8 @@ def run_demo(workers: int = 3, epochs: int = 8, out_dir: Path | None = None, ech
     started = time.monotonic()
     net = LocalMarketplace(root)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # A shell starts background jobs with SIGINT ignored; Ctrl-C must still stop the demo cleanly.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         echo("starting the local chain and IPFS node, deploying the contracts ...")
         net.start()
@@ -74,6 +76,7 @@ def run_demo(workers: int = 3, epochs: int = 8, out_dir: Path | None = None, ech
         echo("stopping daemons, IPFS node and chain ...")
         net.stop()
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def _raise_interrupt(*_: Any) -> None:
