@@ -15,6 +15,11 @@ export TF_ENABLE_ONEDNN_OPTS := 0
 export TF_USE_LEGACY_KERAS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
+# One setting picks the local chain everywhere: DEEPMARKET_CHAIN=ganache (default) or anvil.
+DEEPMARKET_CHAIN ?= ganache
+export DEEPMARKET_CHAIN
+BROWNIE_NETWORK := $(if $(filter anvil,$(DEEPMARKET_CHAIN)),anvil,ganache-cli)
+
 .PHONY: setup demo walkthrough test test-contracts test-python lint clean
 
 setup: $(STAMP_PY) $(STAMP_NODE) $(STAMP_BUILD)
@@ -47,7 +52,7 @@ test-python: setup
 	$(PY) -m pytest tests -p no:pytest-brownie --ignore=tests/contracts
 
 test-contracts: setup
-	$(VENV)/bin/brownie test tests/contracts
+	$(VENV)/bin/brownie test tests/contracts --network $(BROWNIE_NETWORK)
 
 lint: setup
 	$(VENV)/bin/ruff check deepmarket scripts tests bench
