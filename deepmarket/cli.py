@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -210,6 +211,8 @@ def register_daemon_commands(commands: Any) -> None:
     start.add_argument("--tf-port", type=int, required=True, help="port of this machine's TensorFlow server")
     start.add_argument("--cores", type=int, help="cores to lend (default: all)")
     start.add_argument("--memory-mib", type=int, help="memory to lend, MiB (default: all)")
+    start.add_argument("--cpus", help="comma-separated CPU ids the worker runs on, e.g. 2,3 "
+                       "(default: the first --cores CPUs)")
     start.add_argument("--price", default="1", help="credits per core-hour (default 1)")
     start.add_argument("--stake", default="20", help="credits bonded at registration (default 20)")
     start.add_argument("--windows", default="always",
@@ -277,10 +280,27 @@ def cmd_lender_start(args: argparse.Namespace, settings: Settings) -> int:
 
     config = LenderConfig(work_dir=args.work_dir, tf_port=args.tf_port, host=args.host, cores=args.cores,
                           memory_mib=args.memory_mib, price_per_core_hour=parse_credits(args.price, "price"),
-                          windows=args.windows, stake=parse_credits(args.stake, "stake"))
+                          windows=args.windows, stake=parse_credits(args.stake, "stake"),
+                          cpus=_parse_cpus(args.cpus))
     daemon = LenderDaemon(_client(settings), _account(args, "lender1"), _store(settings), config)
     _run_until_signal(daemon.run)
     return 0
+
+
+def _parse_cpus(text: str | None) -> list[int] | None:
+    from deepmarket.errors import ConfigError
+
+    if not text:
+        return None
+    try:
+        cpus = [int(part) for part in text.split(",")]
+    except ValueError as exc:
+        raise ConfigError(f"--cpus {text!r} is invalid: give CPU ids separated by commas, e.g. 0,1") from exc
+    available = sorted(os.sched_getaffinity(0))
+    unknown = [cpu for cpu in cpus if cpu not in available]
+    if unknown:
+        raise ConfigError(f"--cpus {text!r} names CPUs {unknown} that this process cannot use; available: {available}")
+    return cpus
 
 
 def cmd_lender_request(args: argparse.Namespace, settings: Settings) -> int:

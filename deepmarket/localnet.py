@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import psutil
@@ -39,16 +39,29 @@ LENDER_GRANT = 50 * CREDIT
 
 
 class LocalMarketplace:
-    """Start with :meth:`start`, add daemons, stop with :meth:`stop` (or use it as a context manager)."""
+    """Start with :meth:`start`, add daemons, stop with :meth:`stop` (or use it as a context manager).
 
-    def __init__(self, root: Path, chain_kind: str | None = None, proof_timeout_s: int = 600) -> None:
+    By default everything runs on this host and listens on 127.0.0.1. For a multi-host
+    layout, `host` is the address the chain and the IPFS node bind (and that the daemons
+    and this process use to reach them), and `command_prefix` runs the chain, the IPFS node
+    and the coordinator under another command, e.g. ``["ip", "netns", "exec", "ns1"]``;
+    :meth:`start_lender` takes its own prefix. A prefix must exec its command in place, so
+    that signals reach the process it started.
+    """
+
+    def __init__(self, root: Path, chain_kind: str | None = None, proof_timeout_s: int = 600,
+                 host: str = "127.0.0.1", command_prefix: Sequence[str] = ()) -> None:
         self.root = root
         self.log_dir = root / "logs"
         self.keys_dir = root / "keystores"
+        self.command_prefix = list(command_prefix)
         self.chain = LocalChain(kind=chain_kind or os.environ.get("DEEPMARKET_CHAIN", "ganache"),
-                                log_path=self.log_dir / "chain.log")
-        self.ipfs = IpfsNode(root / "ipfs")
+                                log_path=self.log_dir / "chain.log", host=host, command_prefix=command_prefix)
+        self.ipfs = IpfsNode(root / "ipfs", host=host, command_prefix=command_prefix)
         self.proof_timeout_s = proof_timeout_s
+        # Variables that replace the defaults in the environment of daemons started from now
+        # on, e.g. a DEEPMARKET_RPC_URL that points at a proxy in front of the chain.
+        self.env_overrides: dict[str, str] = {}
         self.password = secrets.token_urlsafe(16)
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.accounts: dict[str, LocalAccount] = {}
@@ -116,14 +129,16 @@ class LocalMarketplace:
                     "DEEPMARKET_DEPLOYMENT": str(self.deployment_file), "DEEPMARKET_HOME": str(self.root),
                     "DEEPMARKET_PASSWORD": self.password, "TF_CPP_MIN_LOG_LEVEL": "2",
                     "TF_ENABLE_ONEDNN_OPTS": "0", "PYTHONWARNINGS": "ignore::FutureWarning"})
+        env.update(self.env_overrides)
         return env
 
-    def start_process(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        """Run ``python -m deepmarket ARGV`` in its own session, logging to logs/NAME.log."""
+    def start_process(self, name: str, argv: list[str],
+                      command_prefix: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+        """Run ``[PREFIX...] python -m deepmarket ARGV`` in its own session, logging to logs/NAME.log."""
         if name in self.processes and self.processes[name].poll() is None:
             raise DeepMarketError(f"{name} is already running (pid {self.processes[name].pid})")
         with open(self.log_dir / f"{name}.log", "ab") as log:
-            process = subprocess.Popen([sys.executable, "-m", "deepmarket", *argv], stdout=log,
+            process = subprocess.Popen([*command_prefix, sys.executable, "-m", "deepmarket", *argv], stdout=log,
                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env(),
                                        start_new_session=True)
         self.processes[name] = process
@@ -161,18 +176,25 @@ class LocalMarketplace:
 
     def start_coordinator(self, *extra: str) -> subprocess.Popen[bytes]:
         return self.start_process("coordinator", ["coordinator", "run", "--keystore",
-                                                  str(self.keystore("coordinator")), *extra])
+                                                  str(self.keystore("coordinator")), *extra],
+                                  command_prefix=self.command_prefix)
 
     def start_lender(self, name: str, cores: int = 1, memory_mib: int = 2048, price: str = "60",
                      stake: str = "20", windows: str = "always", credits: int = LENDER_GRANT,
-                     tf_port: int | None = None, host: str = "127.0.0.1") -> subprocess.Popen[bytes]:
-        """Create (once) and fund lender `name`, then start its daemon."""
+                     tf_port: int | None = None, host: str = "127.0.0.1",
+                     command_prefix: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+        """Create (once) and fund lender `name`, then start its daemon (under `command_prefix`, if given)."""
         if name not in self.accounts:
             self.new_account(name, credits=credits)
+        # Spread the lenders' workers over this host's CPUs as separate machines would be.
+        cpus = sorted(os.sched_getaffinity(0))
+        cpu = cpus[sum(1 for n in self.accounts if n.startswith("lender")) % len(cpus)]
         return self.start_process(name, [
             "lender", "start", "--keystore", str(self.keystore(name)), "--work-dir", str(self.root / name),
             "--tf-port", str(tf_port or free_port()), "--host", host, "--cores", str(cores),
-            "--memory-mib", str(memory_mib), "--price", price, "--stake", stake, "--windows", windows])
+            "--memory-mib", str(memory_mib), "--price", price, "--stake", stake, "--windows", windows,
+            "--cpus", str(cpu)],
+            command_prefix=command_prefix)
 
     def check_alive(self) -> None:
         for name, process in self.processes.items():

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -44,17 +45,26 @@ def rpc_ready(url: str, timeout_s: float = 1.0) -> bool:
 
 
 class LocalChain:
-    """A Ganache or anvil process on 127.0.0.1, with accounts funded from :data:`DEV_MNEMONIC`.
+    """A Ganache or anvil process, by default on 127.0.0.1, with accounts funded from :data:`DEV_MNEMONIC`.
+
+    `host` is the address the chain binds and :attr:`rpc_url` names. `command_prefix` is
+    put in front of the chain's command line, e.g. ``["ip", "netns", "exec", "ns1"]`` to run
+    it in another network namespace; that command must exec the chain in place, so that
+    stopping its process group stops the chain. Without a given `port`, one that is free on
+    127.0.0.1 of this host is picked.
 
     >>> with LocalChain(kind="ganache") as chain:   # doctest: +SKIP
     ...     print(chain.rpc_url)
     """
 
     def __init__(self, kind: str = "ganache", port: int | None = None, accounts: int = 10,
-                 balance_eth: int = 10_000, log_path: Path | None = None) -> None:
+                 balance_eth: int = 10_000, log_path: Path | None = None, host: str = "127.0.0.1",
+                 command_prefix: Sequence[str] = ()) -> None:
         if kind not in CHAIN_KINDS:
             raise ConfigError(f"chain kind {kind!r} is not supported: use one of {', '.join(CHAIN_KINDS)}")
         self.kind = kind
+        self.host = host
+        self.command_prefix = list(command_prefix)
         self.port = port or free_port()
         self.accounts = accounts
         self.balance_eth = balance_eth
@@ -64,13 +74,14 @@ class LocalChain:
 
     @property
     def rpc_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def command(self) -> list[str]:
         if self.kind == "ganache":
             return [
+                *self.command_prefix,
                 str(node_tool("ganache")),
-                "--server.host", "127.0.0.1",
+                "--server.host", self.host,
                 "--server.port", str(self.port),
                 "--wallet.mnemonic", DEV_MNEMONIC,
                 "--wallet.totalAccounts", str(self.accounts),
@@ -83,8 +94,9 @@ class LocalChain:
                 "--logging.quiet", "true",
             ]
         return [
+            *self.command_prefix,
             str(node_tool("anvil")),
-            "--host", "127.0.0.1",
+            "--host", self.host,
             "--port", str(self.port),
             "--mnemonic", DEV_MNEMONIC,
             "--accounts", str(self.accounts),

@@ -79,6 +79,8 @@ class Coordinator:
         self._validator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bundle-check")
         self._validations: dict[int, Future[Any]] = {}
         self._validation_store = IpfsStore(store.api_addr) if isinstance(store, IpfsStore) else store
+        # Import TensorFlow now, off the loop, so the first job's bundle check does not pay for it.
+        self._validator.submit(_import_tensorflow)
         self._unmatched_logged: set[int] = set()
         self._refill_logged: set[tuple[int, int]] = set()
 
@@ -298,7 +300,8 @@ class Coordinator:
         stopped = state.stopped_workers(self.db, row.job_id, job["round"])
         if not stopped:
             return
-        active = [w["machine_id"] for w in self.client.get_workers(row.job_id) if w["active"]]
+        workers = self.client.get_workers(row.job_id)
+        active = [w["machine_id"] for w in workers if w["active"]]
         silent = [m for m in active if m not in stopped]
         first_report = min(stopped.values())
         if silent and now < first_report + self.config.loss_grace_s:
@@ -312,6 +315,10 @@ class Coordinator:
                                "reported the cluster broken", row.job_id, job["round"], machine_id, now - first_report)
                 self.client.report_fault(self.account, row.job_id, machine_id)
             return  # _refill puts replacements in and starts the next round
+        if len(active) < len(workers):
+            # A worker left or was faulted in this round. restartCluster rejects a cluster
+            # with an empty slot, so the restart is _refill's replaceWorker.
+            return
         spec = self._cluster_spec(row, active, round_=job["round"] + 1, resume=self._resume_point(row.job_id))
         self.client.restart_cluster(self.account, row.job_id, self.store.add_json(spec))
         logger.info("cluster restarted: job %s round %s on the same machines %s", row.job_id, job["round"] + 1, active)
@@ -398,3 +405,9 @@ class Coordinator:
             self.client.fail_job(self.account, job_id, reason[:500])
         except ContractRevert as exc:
             logger.warning("failing job %s was rejected: %s", job_id, exc)
+
+
+def _import_tensorflow() -> None:
+    from deepmarket.training.bundle import import_tf_keras
+
+    import_tf_keras()

@@ -77,6 +77,8 @@ class LenderConfig:
     proof_wait_s: float = 120.0  # how long a non-chief worker waits for the chief's receipt
     auto_claim: bool = True
     worker_args: list[str] = field(default_factory=list)
+    # CPU ids the worker is pinned to; default: the first `cores` CPUs this process may use.
+    cpus: list[int] | None = None
 
     def machine_spec(self) -> MachineSpec:
         host_cores, host_memory = host_resources()
@@ -270,6 +272,12 @@ class LenderDaemon:
             if old is not None:
                 self._intentional_stop.add(old)
             self._stop_if_serving(job_id)
+            if self._leave_after_checkpoint.is_set():
+                # The owner reclaimed the machine (or its window closes): give the slot back
+                # instead of starting the next round.
+                self._set_status(job_id, round_, "skipped")
+                self._leave(job_id, round_)
+                continue
             self._set_status(job_id, round_, "running")
             with self._lock:
                 self._serving = (job_id, round_)
@@ -343,7 +351,7 @@ class LenderDaemon:
                 job_id=job_id, round_=round_, endpoints=endpoints, slot=slot, model=bundle.model_path,
                 dataset=bundle.dataset_path, config=bundle.config_path, workdir=job_dir / f"round-{round_}",
                 cores=self.spec.cores, memory_mib=self.spec.memory_mib, initial_weights=initial_weights,
-                initial_epoch=initial_epoch, extra_args=self.config.worker_args)
+                initial_epoch=initial_epoch, extra_args=self.config.worker_args, cpus=self.config.cpus)
             self._worker = worker
         chief_machine = int(next(w["machine_id"] for w in spec["workers"] if int(w["slot"]) == 0))
         for event in worker.iter_events():
@@ -368,6 +376,11 @@ class LenderDaemon:
         self._set_status(job_id, round_, "done")
         if worker.returncode != 0 and (job_id, round_) not in self._intentional_stop:
             self._report_stopped(job_id, round_)
+        if self._leave_after_checkpoint.is_set() and self.client.get_job(job_id)["status"] != JOB_RUNNING:
+            # The job ended before the reclaim took effect: nothing to leave, but still pause.
+            self._leave_after_checkpoint.clear()
+            if self._pause_after_leave:
+                self._pause_machine()
 
     def _report_stopped(self, job_id: int, round_: int) -> None:
         """Tell the coordinator our worker stopped early, if the job still runs this round with us in it."""

@@ -40,12 +40,13 @@ class WorkerProcess:
 
     def __init__(self, *, job_id: int, round_: int, endpoints: list[str], slot: int, model: Path, dataset: Path,
                  config: Path, workdir: Path, cores: int, memory_mib: int, initial_weights: Path | None = None,
-                 initial_epoch: int = 0, extra_args: list[str] | None = None) -> None:
+                 initial_epoch: int = 0, extra_args: list[str] | None = None, cpus: list[int] | None = None) -> None:
         self.job_id = job_id
         self.round = round_
         self.slot = slot
         self.workdir = workdir
         self.cores = cores
+        self.cpus = cpus
         self.memory_mib = memory_mib
         self.events: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.memory_exceeded = False
@@ -71,8 +72,11 @@ class WorkerProcess:
         # Die with the thread that launched us, so a killed daemon leaves no worker behind.
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        cpus = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, cpus[: max(1, min(self.cores, len(cpus)))])
+        if self.cpus:
+            os.sched_setaffinity(0, self.cpus)
+        else:
+            allowed = sorted(os.sched_getaffinity(0))
+            os.sched_setaffinity(0, allowed[: max(1, min(self.cores, len(allowed)))])
         os.nice(WORKER_NICE)
 
     def _read_events(self) -> None:

@@ -1,4 +1,4 @@
-"""Run a private js-ipfs daemon that listens on 127.0.0.1 only and contacts no other peer.
+"""Run a private js-ipfs daemon that listens on one address (127.0.0.1 by default) and contacts no other peer.
 
 :class:`IpfsNode` initialises a repo, rewrites its config so the daemon stays local and starts
 ``jsipfs daemon`` in its own process group, logging to ``daemon.log`` in the repo directory.
@@ -23,6 +23,7 @@ import subprocess
 import threading
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Any
@@ -65,6 +66,13 @@ class IpfsNode:
     :param gateway_port: TCP port of the read-only HTTP gateway.
     :param swarm_port: TCP port for libp2p connections.
     :param jsipfs: path of the ``jsipfs`` executable; defaults to the project's npm install.
+    :param host: IPv4 address the API, gateway and swarm listen on, and that
+        :attr:`api_multiaddr` names.
+    :param command_prefix: put in front of the daemon's command line, e.g.
+        ``["ip", "netns", "exec", "ns1"]`` to run it in another network namespace. That command
+        must exec the daemon in place, so that signals to its process group reach the daemon.
+        With a prefix, :meth:`start` does not check here that the ports are free, because the
+        daemon binds them wherever the prefix runs it; a taken port still fails the start.
     :param startup_timeout_s: seconds :meth:`start` waits for the daemon to become ready.
     :param stop_timeout_s: seconds :meth:`stop` waits after SIGINT before sending SIGKILL.
     """
@@ -79,8 +87,12 @@ class IpfsNode:
         jsipfs: str | os.PathLike[str] | None = None,
         startup_timeout_s: float = 60.0,
         stop_timeout_s: float = 10.0,
+        host: str = HOST,
+        command_prefix: Sequence[str] = (),
     ) -> None:
         self.repo_dir = Path(repo_dir).resolve()
+        self.host = host
+        self.command_prefix = list(command_prefix)
         self.jsipfs = Path(jsipfs) if jsipfs is not None else DEFAULT_JSIPFS
         self.api_port = _check_port("api_port", api_port)
         self.gateway_port = _check_port("gateway_port", gateway_port)
@@ -101,17 +113,17 @@ class IpfsNode:
     @property
     def api_multiaddr(self) -> str:
         """Multiaddr of the HTTP RPC API, as ipfshttpclient expects it."""
-        return f"/ip4/{HOST}/tcp/{self.api_port}/http"
+        return f"/ip4/{self.host}/tcp/{self.api_port}/http"
 
     @property
     def api_url(self) -> str:
         """Base URL of the HTTP RPC API, without the ``/api/v0`` path."""
-        return f"http://{HOST}:{self.api_port}"
+        return f"http://{self.host}:{self.api_port}"
 
     @property
     def gateway_url(self) -> str:
         """Base URL of the read-only HTTP gateway."""
-        return f"http://{HOST}:{self.gateway_port}"
+        return f"http://{self.host}:{self.gateway_port}"
 
     @property
     def log_path(self) -> Path:
@@ -164,7 +176,7 @@ class IpfsNode:
         self._log_file.flush()
         try:
             self._process = subprocess.Popen(
-                [str(self.jsipfs), "daemon", "--enable-preload=false"],
+                [*self.command_prefix, str(self.jsipfs), "daemon", "--enable-preload=false"],
                 env=self._environment(),
                 cwd=self.repo_dir,
                 stdin=subprocess.DEVNULL,
@@ -276,7 +288,7 @@ class IpfsNode:
             )
 
     def _write_config(self) -> str:
-        """Rewrite the repo config so the daemon stays on 127.0.0.1; return the peer id."""
+        """Rewrite the repo config so the daemon listens only on its host address; return the peer id."""
         config_path = self.repo_dir / "config"
         try:
             config: dict[str, Any] = json.loads(config_path.read_text(encoding="utf-8"))
@@ -288,9 +300,9 @@ class IpfsNode:
             ) from error
 
         addresses = config.setdefault("Addresses", {})
-        addresses["Swarm"] = [f"/ip4/{HOST}/tcp/{self.swarm_port}"]
-        addresses["API"] = f"/ip4/{HOST}/tcp/{self.api_port}"
-        addresses["Gateway"] = f"/ip4/{HOST}/tcp/{self.gateway_port}"
+        addresses["Swarm"] = [f"/ip4/{self.host}/tcp/{self.swarm_port}"]
+        addresses["API"] = f"/ip4/{self.host}/tcp/{self.api_port}"
+        addresses["Gateway"] = f"/ip4/{self.host}/tcp/{self.gateway_port}"
         addresses["Announce"] = []
         addresses["NoAnnounce"] = []
         addresses["Delegates"] = []
@@ -352,14 +364,16 @@ class IpfsNode:
     def _check_ports_free(self) -> None:
         # js-ipfs 0.66.1 logs EADDRINUSE for a taken API port but keeps running,
         # so a taken port would otherwise only show up as a start-up timeout.
+        if self.command_prefix:
+            return  # the ports are bound wherever the prefix runs the daemon, not necessarily here
         for name, port in (
             ("API", self.api_port),
             ("gateway", self.gateway_port),
             ("swarm", self.swarm_port),
         ):
-            if not _is_port_free(port):
+            if not _is_port_free(port, self.host):
                 raise ToolchainError(
-                    f"Cannot start the IPFS node on {self.repo_dir}: {name} port {port} on {HOST} is "
+                    f"Cannot start the IPFS node on {self.repo_dir}: {name} port {port} on {self.host} is "
                     "in use by another process. Choose another port or stop that process."
                 )
 
@@ -479,12 +493,12 @@ def find_free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _is_port_free(port: int) -> bool:
+def _is_port_free(port: int, host: str = HOST) -> bool:
     # SO_REUSEADDR as Node.js sets it, so that connections in TIME_WAIT do not count as use.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind((HOST, port))
+            sock.bind((host, port))
         except OSError:
             return False
     return True

@@ -3,10 +3,11 @@ a per-test handle that starts lenders and submits jobs on the shared local marke
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,17 +15,21 @@ from typing import Any
 import pytest
 from eth_account.signers.local import LocalAccount
 
+from deepmarket.bundles import upload_bundle
 from deepmarket.chain.client import CREDIT, MarketClient
 from deepmarket.chain.typed_data import JobRequest
 from deepmarket.errors import ChainError, DeepMarketError
 from deepmarket.localnet import LocalMarketplace
 from deepmarket.market import operations
+from deepmarket.storage.store import IpfsStore
+from deepmarket.training import digits
 
 logger = logging.getLogger(__name__)
 
 # JobMarket.JobStatus and MachineRegistry.MachineStatus values.
 JOB_QUEUED, JOB_RUNNING, JOB_COMPLETED, JOB_CANCELLED, JOB_FAILED, JOB_EXPIRED = 1, 2, 3, 4, 5, 6
-MACHINE_ACTIVE = 1
+MACHINE_ACTIVE, MACHINE_PAUSED = 1, 2
+BPS = 10_000  # JobMarket.BPS: slashBps is in basis points
 
 BUDGET = 100 * CREDIT
 PRICE_PER_CORE_HOUR = "60"  # credits, so one core-minute costs one credit
@@ -35,7 +40,16 @@ JOB_DEADLINE_S = 3600
 # worker alone takes tens of seconds to import and form its cluster on two busy cores.
 REGISTRATION_TIMEOUT_S = 180
 JOB_TIMEOUT_S = 900
+FIRST_PROOF_TIMEOUT_S = 600
 LOG_LINES = 60
+
+# Jobs that a test breaks mid-training. The fault is injected once the first checkpoint is
+# proved, and training must still run then, so that the cluster notices the fault. With the
+# demo's global batch of 32 an epoch is 40 steps. Two or three workers on two busy cores
+# proved a checkpoint every 2 to 6 s in the runs measured, so the four epochs left take
+# several seconds at least.
+FAULT_EPOCHS = 5
+FAULT_CONFIG = dataclasses.replace(digits.DEMO_CONFIG, epochs=FAULT_EPOCHS)
 
 _lender_numbers = itertools.count(1)
 
@@ -72,8 +86,12 @@ class MarketTest:
 
     def start_lenders(self, count: int, **options: Any) -> list[Lender]:
         """Start `count` lender daemons under new names and wait until each machine is registered."""
-        names = [f"lender{next(_lender_numbers)}" for _ in range(count)]
-        for name in names:
+        return self.start_lenders_each([options] * count)
+
+    def start_lenders_each(self, options_each: Sequence[dict[str, Any]]) -> list[Lender]:
+        """Start one lender daemon per dict of :meth:`LocalMarketplace.start_lender` options and wait for all."""
+        names = [f"lender{next(_lender_numbers)}" for _ in options_each]
+        for name, options in zip(names, options_each, strict=True):
             self.net.start_lender(name, price=PRICE_PER_CORE_HOUR, **options)
         started: dict[str, int] = {}
 
@@ -91,17 +109,46 @@ class MarketTest:
         self.lenders.extend(lenders)
         return lenders
 
-    def submit_job(self, bundle_cid: str, workers: int, budget: int = BUDGET, min_cores: int = 1) -> int:
-        """Submit a signed order for `bundle_cid` as the borrower, who also relays it; return the job id."""
+    def submit_job(self, bundle_cid: str, workers: int, budget: int = BUDGET, min_cores: int = 1,
+                   deadline_s: int = JOB_DEADLINE_S) -> int:
+        """Submit a signed order for `bundle_cid` as the borrower, who also relays it; return the job id.
+
+        The job's deadline is `deadline_s` seconds after the latest block.
+        """
         request = JobRequest(bundleCid=bundle_cid, budget=budget, maxPricePerCoreHour=MAX_PRICE_PER_CORE_HOUR,
                              workers=workers, minCores=min_cores, minMemoryMib=1024,
-                             jobDeadline=self.client.latest_timestamp() + JOB_DEADLINE_S)
+                             jobDeadline=self.client.latest_timestamp() + deadline_s)
         job_id = operations.submit_signed_job(self.client, self.borrower, self.borrower, request)
         self.job_ids.append(job_id)
         return job_id
 
     def daemon_names(self) -> list[str]:
         return ["coordinator", *(lender.name for lender in self.lenders)]
+
+    def lender_of_machine(self, machine_id: int) -> Lender:
+        return next(lender for lender in self.lenders if lender.machine_id == machine_id)
+
+    def lender_in_slot(self, job_id: int, slot: int) -> Lender:
+        """Return the lender whose machine is in `slot` of job `job_id` now."""
+        return self.lender_of_machine(int(self.client.get_workers(job_id)[slot]["machine_id"]))
+
+    def wait_for_assignment(self, job_id: int, timeout_s: float = FIRST_PROOF_TIMEOUT_S) -> None:
+        wait_until(self.net, lambda: job_events(self.client, "JobAssigned", job_id) != [], timeout_s,
+                   f"job {job_id} to be assigned", self.daemon_names())
+
+    def wait_for_checkpoint(self, job_id: int, index: int, machine_id: int | None = None,
+                            timeout_s: float = FIRST_PROOF_TIMEOUT_S) -> None:
+        """Wait until machine `machine_id` (default: any) proved checkpoint `index` or a later one of job `job_id`.
+
+        Polls every quarter second, so that a fault injected next lands while training runs.
+        """
+        def proved() -> bool:
+            return any(p["checkpointIndex"] >= index and machine_id in (None, p["machineId"])
+                       for p in job_events(self.client, "ProofRecorded", job_id))
+
+        prover = "some machine" if machine_id is None else f"machine {machine_id}"
+        wait_until(self.net, proved, timeout_s, f"{prover} to prove checkpoint {index} of job {job_id}",
+                   self.daemon_names(), interval_s=0.25)
 
     def wait_for_status(self, job_id: int, status: int, timeout_s: float = JOB_TIMEOUT_S) -> dict[str, Any]:
         """Wait until job `job_id` has `status`, and fail at once if it reaches another final status."""
@@ -151,9 +198,27 @@ def find_machine(client: MarketClient, lender_address: str) -> int | None:
 
 def job_events(client: MarketClient, event_name: str, job_id: int) -> list[dict[str, Any]]:
     """Return the args of every `event_name` log of JobMarket for job `job_id`, in chain order."""
-    logs = getattr(client.market.events, event_name)().get_logs(
-        from_block=client.deployment.block, argument_filters={"jobId": job_id})
-    return [dict(log["args"]) for log in logs]
+    return [dict(log["args"]) for log in job_logs(client, event_name, job_id)]
+
+
+def job_logs(client: MarketClient, event_name: str, job_id: int) -> list[Any]:
+    """Return every decoded `event_name` log of JobMarket for job `job_id`, with its block number."""
+    return list(getattr(client.market.events, event_name)().get_logs(
+        from_block=client.deployment.block, argument_filters={"jobId": job_id}))
+
+
+def upload_digits_bundle(store: IpfsStore, demo_inputs: digits.DemoInputs,
+                         config: Any = FAULT_CONFIG) -> str:
+    """Upload the digits model and the lender dataset with `config`; return the bundle CID."""
+    return upload_bundle(store, demo_inputs.model_path, demo_inputs.dataset_path, config)
+
+
+def checkpoint_cids(proofs: Iterable[dict[str, Any]]) -> dict[int, set[str]]:
+    """Map each proved checkpoint index to the set of CIDs proved for it (one, if all agree)."""
+    found: dict[int, set[str]] = {}
+    for proof in proofs:
+        found.setdefault(int(proof["checkpointIndex"]), set()).add(str(proof["checkpointCid"]))
+    return found
 
 
 def machines_locked_by(client: MarketClient, job_id: int) -> list[int]:
@@ -169,8 +234,8 @@ def market_shortfall(client: MarketClient) -> int:
 
 
 def wait_until(net: LocalMarketplace, condition: Callable[[], bool], timeout_s: float, what: str,
-               log_names: Iterable[str] = ("coordinator",)) -> None:
-    """Poll `condition` every second; on timeout or when a daemon exits, fail with the daemon logs."""
+               log_names: Iterable[str] = ("coordinator",), interval_s: float = 1.0) -> None:
+    """Poll `condition` every `interval_s`; on timeout or when a daemon exits, fail with the daemon logs."""
     names = list(log_names)
     deadline = time.monotonic() + timeout_s
     while True:
@@ -182,7 +247,7 @@ def wait_until(net: LocalMarketplace, condition: Callable[[], bool], timeout_s: 
             return
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}\n{log_tails(net, names)}")
-        time.sleep(1.0)
+        time.sleep(interval_s)
 
 
 def log_tails(net: LocalMarketplace, names: Iterable[str]) -> str:
@@ -197,5 +262,10 @@ def log_tails(net: LocalMarketplace, names: Iterable[str]) -> str:
 
 
 def coordinator_log(net: LocalMarketplace) -> str:
-    path: Path = net.log_dir / "coordinator.log"
+    return daemon_log(net, "coordinator")
+
+
+def daemon_log(net: LocalMarketplace, name: str) -> str:
+    """Return the whole log of daemon `name`, or an empty string before it wrote one."""
+    path: Path = net.log_dir / f"{name}.log"
     return path.read_text(errors="replace") if path.exists() else ""

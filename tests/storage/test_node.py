@@ -202,7 +202,7 @@ def test_start_rejects_taken_api_port(own_node: IpfsNode) -> None:
 
 def test_start_fails_fast_on_bind_error(own_node: IpfsNode, monkeypatch: pytest.MonkeyPatch) -> None:
     # Injected fault: the free-port check passes although another process listens.
-    monkeypatch.setattr("deepmarket.storage.node._is_port_free", lambda port: True)
+    monkeypatch.setattr("deepmarket.storage.node._is_port_free", lambda port, host="127.0.0.1": True)
     with socket.socket() as blocker:
         blocker.bind(("127.0.0.1", 0))
         blocker.listen()
