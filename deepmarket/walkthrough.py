@@ -2,7 +2,9 @@
 
 It starts a chain, deploys the contracts, grants credits, registers three machines with
 availability windows, relays a borrower-signed job order, assigns it, records two signed
-work receipts per worker, completes the job and withdraws every balance. It prints credit
+work receipts per worker and completes the job. Three more jobs then take every other
+path once: a cancel; a lost worker that is faulted, replaced, restarted, reclaimed and
+failed; and a silent worker whose job expires. Last, every balance is withdrawn. It prints credit
 balances before and after, and the gas of every call. Checkpoint intervals are simulated
 with ``evm_increaseTime`` (30 minutes each) so that payments are visible; no training runs.
 """
@@ -69,6 +71,7 @@ def run_walkthrough(chain_kind: str = "ganache", report_path: Path | None = None
 
         completed = client.complete_job(coordinator, job_id, "bafkreitrainedmodelwalkthrough")
         echo(f"job {job_id} completed: paid {credits(completed['paid'])}, refund {credits(completed['refund'])}")
+        _exercise_failure_paths(client, coordinator, borrower, lenders, machine_ids, echo)
         for account in [borrower, *lenders]:
             client.withdraw(account)
 
@@ -162,6 +165,42 @@ def _prove_checkpoints(client: MarketClient, job_id: int, machine_ids: list[int]
             echo(f"proof recorded: job {job_id} machine {machine_id} checkpoint {index}, "
                  f"{core_seconds} core-seconds, paid {credits(paid)}")
     return payments
+
+
+def _exercise_failure_paths(client: MarketClient, coordinator: Any, borrower: Any, lenders: list[Any],
+                            machine_ids: list[int], echo: Any) -> None:
+    """Run every settlement and recovery call once, so the gas table covers them too."""
+    def request(workers: int) -> JobRequest:
+        return JobRequest(bundleCid="bafkreijobbundlewalkthrough", budget=5 * CREDIT, maxPricePerCoreHour=2 * CREDIT,
+                          workers=workers, minCores=1, minMemoryMib=1024,
+                          jobDeadline=client.latest_timestamp() + 24 * 3600)
+
+    cancelled = client.submit_job(borrower, request(1))
+    client.cancel_job(borrower, cancelled)
+    echo(f"job {cancelled} submitted and cancelled by its borrower: full refund")
+
+    # A lost worker: ready, stopped, faulted, replaced; then a restart, a reclaim and a failure.
+    job_id = client.submit_job(borrower, request(1))
+    first, second = machine_ids[0], machine_ids[1]
+    client.assign_job(coordinator, job_id, [first], "bafkreiclusterspecfailures1")
+    client.report_ready(lenders[0], job_id, first)
+    client.report_stopped(lenders[0], job_id, first)
+    slashed = client.report_fault(coordinator, job_id, first)
+    client.replace_worker(coordinator, job_id, 0, second, "bafkreiclusterspecfailures2")
+    client.restart_cluster(coordinator, job_id, "bafkreiclusterspecfailures3")
+    client.leave_job(lenders[1], job_id, second)
+    client.fail_job(coordinator, job_id, "walkthrough: no machine left")
+    echo(f"job {job_id}: machine {first} lost ({credits(slashed)} slashed to the borrower), replaced by machine "
+         f"{second}, restarted, reclaimed by its owner, then failed with a full refund of the escrow")
+
+    # A silent worker: the job expires after the proof timeout and the worker is slashed.
+    job_id = client.submit_job(borrower, request(1))
+    client.assign_job(coordinator, job_id, [second], "bafkreiclusterspecfailures4")
+    client.w3.provider.make_request("evm_increaseTime", [client.market.functions.proofTimeout().call() + 1])
+    client.w3.provider.make_request("evm_mine", [])
+    expired = client.expire_job(coordinator, job_id)
+    echo(f"job {job_id} expired after the proof timeout: refund {credits(expired['refund'])}, "
+         f"slashed {credits(expired['slashed'])}")
 
 
 def _print_report(report: dict[str, Any], echo: Any) -> None:
