@@ -1,4 +1,4 @@
-"""The ``deepmarket`` command: one entry point for the chain, contracts, lenders, coordinator and jobs."""
+"""The deepmarket command: one entry point for the chain, contracts, lenders, coordinator and jobs."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from deepmarket.errors import DeepMarketError
 
 logger = logging.getLogger(__name__)
 
+MAX_WORKERS = 64  # JobMarket.MAX_WORKERS
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -38,6 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is invalid: give an integer of at least 1")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +96,7 @@ def cmd_chain_start(args: argparse.Namespace, settings: Settings) -> int:
                        log_path=settings.log_dir / "chain.log")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())  # also when started with SIGINT ignored
     with chain:
         print(f"{chain.kind} serving {chain.rpc_url}; Ctrl-C stops it", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
@@ -129,6 +143,8 @@ def _format_status(status: dict[str, Any]) -> str:
     for j in status["jobs"]:
         lines.append(f"job {j['job_id']}: {j['status']} workers {j['workers']} budget {fmt(j['budget'])} "
                      f"paid {fmt(j['paid'])} result {j['result_cid'] or '-'}")
+    for role, row in status["accounts"].items():
+        lines.append(f"{role}: {fmt(row['balance'])} credits, {fmt(row['withdrawable'])} withdrawable")
     return "\n".join(lines)
 
 
@@ -207,10 +223,12 @@ def register_daemon_commands(commands: Any) -> None:
     start = lender.add_parser("start", help="register this machine and serve assignments until interrupted")
     _add_key_args(start, "lender")
     start.add_argument("--work-dir", type=Path, required=True, help="folder for the daemon's state and job files")
-    start.add_argument("--host", default="127.0.0.1", help="address other workers reach this machine at")
-    start.add_argument("--tf-port", type=int, required=True, help="port of this machine's TensorFlow server")
-    start.add_argument("--cores", type=int, help="cores to lend (default: all)")
-    start.add_argument("--memory-mib", type=int, help="memory to lend, MiB (default: all)")
+    start.add_argument("--host", default="127.0.0.1",
+                       help="address other workers reach this machine at (default 127.0.0.1)")
+    start.add_argument("--tf-port", type=positive_int, required=True, help="port of this machine's TensorFlow server")
+    start.add_argument("--cores", type=positive_int, help="cores to lend (default: all)")
+    start.add_argument("--memory-mib", type=positive_int,
+                       help="memory to lend, MiB (default: the host's total memory)")
     start.add_argument("--cpus", help="comma-separated CPU ids the worker runs on, e.g. 2,3 "
                        "(default: the first --cores CPUs)")
     start.add_argument("--price", default="1", help="credits per core-hour (default 1)")
@@ -236,22 +254,26 @@ def register_daemon_commands(commands: Any) -> None:
     submit.add_argument("--dataset", type=Path, required=True,
                         help=".npz with x_train, y_train, x_val, y_val (x_test, y_test stay local)")
     submit.add_argument("--config", type=Path, required=True, help="training config JSON (epochs, batch_size, ...)")
-    submit.add_argument("--workers", type=int, default=1, help="machines in the cluster (default 1)")
+    submit.add_argument("--workers", type=positive_int, default=1, help="machines in the cluster (default 1)")
     submit.add_argument("--budget", default="50", help="credits to escrow (default 50)")
     submit.add_argument("--max-price", default="100", help="price cap, credits per core-hour (default 100)")
-    submit.add_argument("--min-cores", type=int, default=1, help="minimum cores per machine (default 1)")
-    submit.add_argument("--min-memory-mib", type=int, default=1024, help="minimum memory per machine (default 1024)")
+    submit.add_argument("--min-cores", type=positive_int, default=1, help="minimum cores per machine (default 1)")
+    submit.add_argument("--min-memory-mib", type=positive_int, default=1024, help="minimum memory per machine (default 1024)")
     submit.add_argument("--deadline-hours", type=float, default=24, help="hours until the job may expire (default 24)")
     submit.set_defaults(handler=cmd_job_submit)
+    cancel = job.add_parser("cancel", help="cancel a queued job and get its whole budget back")
+    _add_key_args(cancel, "borrower")
+    cancel.add_argument("job_id", type=positive_int, help="the job's id")
+    cancel.set_defaults(handler=cmd_job_cancel)
     status = job.add_parser("status", help="a job's state, workers and proofs")
-    status.add_argument("job_id", type=int)
+    status.add_argument("job_id", type=positive_int, help="the job's id")
     status.set_defaults(handler=cmd_job_status)
     logs = job.add_parser("logs", help="a job's history from its contract events (--follow to stream it)")
-    logs.add_argument("job_id", type=int)
+    logs.add_argument("job_id", type=positive_int, help="the job's id")
     logs.add_argument("--follow", action="store_true", help="keep printing new events until the job ends")
     logs.set_defaults(handler=cmd_job_logs)
     result = job.add_parser("result", help="download a completed job's trained model")
-    result.add_argument("job_id", type=int)
+    result.add_argument("job_id", type=positive_int, help="the job's id")
     result.add_argument("--out", type=Path, default=Path("trained-model.keras"), help="model file to write")
     result.set_defaults(handler=cmd_job_result)
 
@@ -282,6 +304,7 @@ def cmd_lender_start(args: argparse.Namespace, settings: Settings) -> int:
                           memory_mib=args.memory_mib, price_per_core_hour=parse_credits(args.price, "price"),
                           windows=args.windows, stake=parse_credits(args.stake, "stake"),
                           cpus=_parse_cpus(args.cpus))
+    config.machine_spec()  # raises ConfigError for an offer this host cannot honour, before any connection
     daemon = LenderDaemon(_client(settings), _account(args, "lender1"), _store(settings), config)
     _run_until_signal(daemon.run)
     return 0
@@ -309,6 +332,11 @@ def cmd_lender_request(args: argparse.Namespace, settings: Settings) -> int:
     if not (args.work_dir / "lender.sqlite").exists():
         raise ConfigError(f"{args.work_dir} is not a lender daemon's work dir (no lender.sqlite): "
                           "pass the --work-dir the daemon was started with")
+    from deepmarket.lender.daemon import running_daemon_pid
+
+    if running_daemon_pid(args.work_dir) is None:
+        raise ConfigError(f"no lender daemon is running for {args.work_dir}: start it with `deepmarket lender start` "
+                          "first (a stopped daemon serves no job, so there is nothing to reclaim)")
     (args.work_dir / args.request).write_text(str(int(time.time())))
     print(f"request written; the daemon serving {args.work_dir} acts on it within a few seconds")
     return 0
@@ -325,19 +353,41 @@ def cmd_lender_claim(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_job_submit(args: argparse.Namespace, settings: Settings) -> int:
     from deepmarket.bundles import upload_bundle
     from deepmarket.chain.typed_data import JobRequest
+    from deepmarket.errors import ConfigError
     from deepmarket.market import operations
     from deepmarket.market.scripting import parse_credits
     from deepmarket.training.bundle import load_config
 
+    # Check every number before anything is uploaded, so a typo pins nothing and escrows nothing.
+    budget = parse_credits(args.budget, "budget")
+    max_price = parse_credits(args.max_price, "max-price")
+    if budget == 0:
+        raise ConfigError("--budget 0 is invalid: escrow a positive number of credits")
+    if args.workers > MAX_WORKERS:
+        raise ConfigError(f"--workers {args.workers} is invalid: a job may use 1 to {MAX_WORKERS} machines")
+    if not args.deadline_hours > 0:
+        raise ConfigError(f"--deadline-hours {args.deadline_hours} is invalid: give a positive number of hours")
     client = _client(settings)
     borrower = _account(args, "borrower")
-    bundle_cid = upload_bundle(_store(settings), args.model, args.dataset, load_config(args.config))
-    request = JobRequest(bundleCid=bundle_cid, budget=parse_credits(args.budget, "budget"),
-                         maxPricePerCoreHour=parse_credits(args.max_price, "max-price"), workers=args.workers,
+    config = load_config(args.config)
+    bundle_cid = upload_bundle(_store(settings), args.model, args.dataset, config)
+    request = JobRequest(bundleCid=bundle_cid, budget=budget, maxPricePerCoreHour=max_price, workers=args.workers,
                          minCores=args.min_cores, minMemoryMib=args.min_memory_mib,
                          jobDeadline=client.latest_timestamp() + int(args.deadline_hours * 3600))
     job_id = operations.submit_signed_job(client, borrower, borrower, request)
     print(json.dumps({"job_id": job_id, "bundle_cid": bundle_cid}))
+    return 0
+
+
+def cmd_job_cancel(args: argparse.Namespace, settings: Settings) -> int:
+    from deepmarket.market.operations import claim_payout, format_credits
+
+    client = _client(settings)
+    borrower = _account(args, "borrower")
+    refund = client.cancel_job(borrower, args.job_id)
+    withdrawn = claim_payout(client, borrower)
+    print(f"job {args.job_id} cancelled: {format_credits(refund)} credits refunded, "
+          f"{format_credits(withdrawn)} credits withdrawn to {borrower.address}")
     return 0
 
 
@@ -375,8 +425,8 @@ def cmd_job_result(args: argparse.Namespace, settings: Settings) -> int:
 
 def register_demo_command(commands: Any) -> None:
     demo = commands.add_parser("demo", help="run a real distributed training job end to end on local defaults")
-    demo.add_argument("--workers", type=int, default=3, help="lenders (and TF workers) in the job (default 3)")
-    demo.add_argument("--epochs", type=int, default=8, help="training epochs (default 8)")
+    demo.add_argument("--workers", type=positive_int, default=3, help="lenders (and TF workers) in the job (default 3)")
+    demo.add_argument("--epochs", type=positive_int, default=8, help="training epochs (default 8)")
     faults = demo.add_mutually_exclusive_group()
     faults.add_argument("--kill-lender-after-epoch", type=int, metavar="K",
                         help="kill one assigned lender (daemon and worker) after checkpoint K; starts a spare lender")

@@ -25,11 +25,13 @@ HINTS: dict[str, str] = {
     "MarketWrongWorkerCount": "job {jobId} needs {expected} machines, {given} given",
     "MarketInvalidJobStatus": "job {jobId} is {status_name}, which does not allow this action",
     "MarketJobNotFound": "job {jobId} does not exist: check the job id",
-    "MarketInvalidRequest": "invalid job request field {field} = {value}",
+    "MarketInvalidRequest": "invalid job request field {field} = {value}: budget must be positive, workers "
+                            "1 to 64, the deadline in the future and the bundle CID not empty",
     "MarketOrderExpired": "the signed order expired at {deadline} (now {timestamp}): sign a new order",
     "MarketInvalidSigner": "signature is from {recovered}, expected {expected}: sign with the right key",
     "MarketStaleCheckpoint": "checkpoint {checkpointIndex} of job {jobId} on machine {machineId} is not above "
-                             "the last proved index {lastIndex}: it was already recorded",
+                             "the last proved index {lastIndex}: indexes start at 1 and each receipt needs a "
+                             "higher one",
     "MarketCheckpointNotPublished": "the chief has not yet proved checkpoint {checkpointIndex} of job {jobId}: "
                                     "retry after its proof is recorded",
     "MarketCheckpointMismatch": "checkpoint {checkpointIndex} of job {jobId} has another CID than the chief's",
@@ -49,8 +51,10 @@ HINTS: dict[str, str] = {
     "RegistryMachineLocked": "machine {machineId} is busy with job {jobId}",
     "RegistryInvalidSpec": "invalid machine spec field {field} = {value}",
     "RegistryInsufficientStake": "machine {machineId} bonds {stake}, less than the {requested} requested",
-    "ERC20InsufficientAllowance": "allowance {allowance} of {spender} is below {needed}: approve more credits",
-    "ERC20InsufficientBalance": "{sender} holds {balance} credit base units, {needed} needed: get more credits",
+    "ERC20InsufficientAllowance": "allowance {allowance_credits} credits of {spender} is below "
+                                  "{needed_credits}: approve more credits",
+    "ERC20InsufficientBalance": "{sender} holds {balance_credits} credits, {needed_credits} needed: earn credits "
+                                "by lending, or ask the operator for a grant",
     "AccessControlUnauthorizedAccount": "{account} lacks role {neededRole}",
     "EnforcedPause": "the market is paused: retry when the operator unpauses it",
     "InvalidAccountNonce": "nonce already used by {account}; the next nonce is {currentNonce}",
@@ -99,9 +103,12 @@ def decode_revert(data: str | bytes) -> ContractRevert | None:
         elif isinstance(value, bytes):
             value = value.hex()
         args[arg_name] = value
+    for amount in ("balance", "needed", "allowance"):
+        if isinstance(args.get(amount), int):
+            args[f"{amount}_credits"] = f"{args[amount] / CREDIT:,.6f}"
     if "status" in args:
         args["status_name"] = JOB_STATUS_NAMES[args["status"]] if args["status"] < len(JOB_STATUS_NAMES) else "?"
-    rendered = ", ".join(f"{k}={v}" for k, v in args.items() if k != "status_name")
+    rendered = ", ".join(f"{k}={v}" for k, v in args.items() if k != "status_name" and not k.endswith("_credits"))
     hint = HINTS.get(name)
     message = f"{name}({rendered})"
     if hint:

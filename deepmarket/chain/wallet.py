@@ -20,6 +20,8 @@ DEV_PATH = "m/44'/60'/0'/0/{index}"
 
 def create_keystore(path: Path, password: str, private_key: str | None = None) -> LocalAccount:
     """Write a new (or the given) key to `path`, encrypted with `password`, readable only by its owner."""
+    if path.is_dir():
+        raise WalletError(f"keystore path {path} is a directory: give a file path, e.g. {path}/wallet.json")
     if path.exists():
         raise WalletError(f"keystore {path} already exists: load it, or choose another path")
     if not password:
@@ -42,9 +44,12 @@ def load_keystore(path: Path, password: str) -> LocalAccount:
         raise WalletError(f"keystore {path} not found: create it with `deepmarket wallet create`") from exc
     except (OSError, ValueError) as exc:
         raise WalletError(f"keystore {path} is not a readable JSON keystore: {exc}") from exc
+    if not isinstance(encrypted, dict) or "crypto" not in encrypted or "version" not in encrypted:
+        raise WalletError(f"keystore {path} is not an Ethereum keystore (no version or crypto section): "
+                          "create one with `deepmarket wallet create`")
     try:
         key = Account.decrypt(encrypted, password)
-    except ValueError as exc:
+    except (ValueError, KeyError, TypeError) as exc:
         raise WalletError(f"cannot decrypt keystore {path}: wrong password or corrupt file") from exc
     return Account.from_key(key)
 

@@ -12,6 +12,7 @@ chief's receipt and signs the same manifest CID only if the weights match.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -28,6 +29,7 @@ from deepmarket.chain.typed_data import WorkReceipt, sign_typed, work_receipt_me
 from deepmarket.errors import (
     BundleError,
     ChainError,
+    ConfigError,
     ContentMismatchError,
     ContractRevert,
     DeepMarketError,
@@ -41,6 +43,7 @@ from deepmarket.storage.cid import compute_file_cid
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "deepmarket-checkpoint/1"
+PID_FILE = "daemon.pid"  # the running daemon's process id, for `deepmarket lender reclaim`
 RECLAIM_REQUEST = "reclaim.request"  # written by `deepmarket lender reclaim`
 RESUME_REQUEST = "resume.request"  # written by `deepmarket lender resume`
 # Leave a job this long before the availability window closes (a checkpoint must fit in it).
@@ -81,8 +84,17 @@ class LenderConfig:
     cpus: list[int] | None = None
 
     def machine_spec(self) -> MachineSpec:
+        """Return the spec to register; raise ConfigError if it offers more than this host has."""
         host_cores, host_memory = host_resources()
-        return MachineSpec(cores=self.cores or host_cores, memory_mib=self.memory_mib or host_memory, gpus=0,
+        cores = host_cores if self.cores is None else self.cores
+        memory_mib = host_memory if self.memory_mib is None else self.memory_mib
+        if not 1 <= cores <= host_cores:
+            raise ConfigError(f"--cores {cores} is invalid: this host lets the daemon use 1 to {host_cores} cores")
+        if not 1 <= memory_mib <= host_memory:
+            raise ConfigError(f"--memory-mib {memory_mib} is invalid: this host has 1 to {host_memory} MiB")
+        if self.cpus is not None and len(set(self.cpus)) != len(self.cpus):
+            raise ConfigError(f"--cpus {self.cpus} repeats a CPU id: list each CPU once")
+        return MachineSpec(cores=cores, memory_mib=memory_mib, gpus=0,
                            benchmark_score=0, price_per_core_hour=self.price_per_core_hour,
                            availability_mask=parse_windows(self.windows), endpoint=f"{self.host}:{self.tf_port}")
 
@@ -157,6 +169,14 @@ class LenderDaemon:
     # ------------------------------------------------------------------ loop
 
     def run(self, stop: threading.Event) -> None:
+        pid_file = self.config.work_dir / PID_FILE
+        pid_file.write_text(str(os.getpid()))
+        try:
+            self._run(stop)
+        finally:
+            pid_file.unlink(missing_ok=True)
+
+    def _run(self, stop: threading.Event) -> None:
         self.ensure_machine()
         logger.info("lender daemon started: machine %s account %s", self.machine_id, self.account.address)
         backoff = self.config.poll_interval_s
@@ -463,3 +483,18 @@ class LenderDaemon:
             worker = self._worker
         if worker is not None:
             worker.stop()
+
+
+def running_daemon_pid(work_dir: Path) -> int | None:
+    """Return the process id of the daemon serving `work_dir`, or None if none is running."""
+    try:
+        pid = int((work_dir / PID_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid  # alive, owned by another user
+    return pid

@@ -42,6 +42,8 @@ def parse_credits(text: str | int | float, name: str) -> int:
         value = Decimal(str(text))
     except InvalidOperation as exc:
         raise ConfigError(f"{name}={text!r} is not a number of credits, e.g. 12.5") from exc
+    if not value.is_finite():
+        raise ConfigError(f"{name}={text!r} is not a finite number of credits: give e.g. 12.5")
     if value < 0:
-        raise ConfigError(f"{name}={text!r} is negative: give a positive number of credits")
+        raise ConfigError(f"{name}={text!r} is negative: give zero or a positive number of credits")
     return int(value * CREDIT)
