@@ -35,7 +35,7 @@ def free_port() -> int:
 
 
 def rpc_ready(url: str, timeout_s: float = 1.0) -> bool:
-    """Whether a JSON-RPC node answers ``eth_chainId`` at `url`."""
+    """Return whether a JSON-RPC node at `url` responds to ``eth_chainId``."""
     try:
         reply = requests.post(url, json={"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []},
                               timeout=timeout_s)
@@ -86,7 +86,7 @@ class LocalChain:
                 "--wallet.mnemonic", DEV_MNEMONIC,
                 "--wallet.totalAccounts", str(self.accounts),
                 "--wallet.defaultBalance", str(self.balance_eth),
-                # Ganache 7.9 knows no fork after shanghai; contracts are compiled for it.
+                # Ganache 7.9 supports no fork after shanghai, so the contracts are compiled for it.
                 "--chain.hardfork", "shanghai",
                 "--chain.chainId", str(DEV_CHAIN_ID),
                 "--chain.vmErrorsOnRPCResponse", "true",
@@ -126,7 +126,7 @@ class LocalChain:
                 return self
             time.sleep(0.1)
         self.stop()
-        raise ToolchainError(f"{self.kind} did not answer on {self.rpc_url} within {START_TIMEOUT_S:.0f} s")
+        raise ToolchainError(f"{self.kind} did not respond on {self.rpc_url} within {START_TIMEOUT_S:.0f} s")
 
     def stop(self) -> None:
         process, self._process = self._process, None

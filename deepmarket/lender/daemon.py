@@ -4,9 +4,11 @@ checkpoint with a signed work receipt and claims its payouts.
 An assignment is a ``JobAssigned`` event that names this machine, for the job's current
 round. For each one the daemon fetches the cluster spec and the bundle from IPFS (CIDs
 verified) and checks the availability window. It then launches the worker under resource
-limits, reports ready on chain, and submits a receipt for every finished epoch. The chief (slot 0) pins its weights and a
-checkpoint manifest; every other worker computes the CID of its own weights, waits for the
-chief's receipt and signs the same manifest CID only if the weights match.
+limits, reports ready on chain, and submits a receipt for every finished epoch.
+
+The chief (slot 0) pins its weights and a checkpoint manifest. Every other worker computes
+the CID of its own weights, waits for the chief's receipt, and signs the same manifest CID
+only if the weights match.
 """
 
 from __future__ import annotations
@@ -349,6 +351,7 @@ class LenderDaemon:
         if not slots:
             raise ChainError(f"cluster spec {spec_cid} of job {job_id} does not list machine {self.machine_id}")
         slot = int(slots[0]["slot"])
+
         if not is_available(self.spec.availability_mask, int(time.time())):
             logger.warning("assignment outside the availability window: job %s machine %s; leaving", job_id,
                            self.machine_id)
@@ -363,6 +366,7 @@ class LenderDaemon:
             initial_epoch = int(checkpoint["epoch"])
             initial_weights = self.store.get_file(checkpoint["weights_cid"],
                                                   job_dir / f"resume-epoch-{initial_epoch:04d}.weights.h5")
+
         endpoints = [w["endpoint"] for w in sorted(spec["workers"], key=lambda w: int(w["slot"]))]
         with self._lock:
             if self._serving != (job_id, round_):
@@ -373,6 +377,7 @@ class LenderDaemon:
                 cores=self.spec.cores, memory_mib=self.spec.memory_mib, initial_weights=initial_weights,
                 initial_epoch=initial_epoch, extra_args=self.config.worker_args, cpus=self.config.cpus)
             self._worker = worker
+
         chief_machine = int(next(w["machine_id"] for w in spec["workers"] if int(w["slot"]) == 0))
         for event in worker.iter_events():
             kind = event["event"]
@@ -430,6 +435,7 @@ class LenderDaemon:
             checkpoint_cid = self._matching_chief_checkpoint(job_id, chief_machine, epoch, weights_path)
             if checkpoint_cid is None:
                 return
+
         worker = next(w for w in self.client.get_workers(job_id) if w["machine_id"] == self.machine_id)
         # Claim up to now, not up to the latest block: on a chain that mines only on demand the
         # latest block can be many seconds old. The block that includes the receipt is no older
