@@ -3,8 +3,8 @@
 It starts a chain, deploys the contracts, grants credits, registers three machines with
 availability windows, relays a borrower-signed job order, assigns it, records two signed
 work receipts per worker and completes the job. Three more jobs then take every other
-path once: a cancel; a lost worker that is faulted, replaced, restarted, reclaimed and
-failed; and a silent worker whose job expires. Last, every balance is withdrawn. It prints credit
+path once. One is cancelled. One loses a worker that is faulted, replaced, restarted,
+reclaimed and failed. One has a silent worker, so the job expires. Last, every balance is withdrawn. It prints credit
 balances before and after, and the gas of every call. Checkpoint intervals are simulated
 with ``evm_increaseTime`` (30 minutes each) so that payments are visible; no training runs.
 """

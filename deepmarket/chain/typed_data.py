@@ -47,7 +47,7 @@ EIP712_DOMAIN_FIELDS = [
 
 @dataclass(frozen=True)
 class JobRequest:
-    """What a borrower asks for; amounts in credit base units, times in unix seconds."""
+    """Job request of a borrower. Amounts are in credit base units, times in unix seconds."""
 
     bundleCid: str
     budget: int

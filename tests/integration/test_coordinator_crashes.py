@@ -86,7 +86,7 @@ def test_coordinator_killed_at_assignment_and_settlement(market: MarketTest, dem
     job = market.wait_for_status(job_id, JOB_COMPLETED)
     logs = log_tails(net, market.daemon_names())
 
-    # One assignment, in round 1, on the test's two machines; nobody was faulted or replaced.
+    # One assignment, in round 1, on the test's two machines; no worker was faulted or replaced.
     assigned_events = job_events(client, "JobAssigned", job_id)
     assert [event["round"] for event in assigned_events] == [1], logs
     assert job["round"] == 1

@@ -72,7 +72,7 @@ def test_unreplaceable_worker_job_expires(market: MarketTest, demo_inputs: digit
     job = market.wait_for_status(job_id, JOB_EXPIRED, timeout_s=deadline - time.time() + EXPIRY_GRACE_S)
     logs = log_tails(net, market.daemon_names())
 
-    # One fault, for the lost machine; the survivor proved recently, so expiry slashed nobody.
+    # One fault, for the lost machine; the survivor proved recently, so expiry slashed no worker.
     faulted = job_events(client, "WorkerFaulted", job_id)
     assert [event["machineId"] for event in faulted] == [lost.machine_id], logs
     slashed = faulted[0]["slashed"]
