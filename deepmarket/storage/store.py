@@ -45,7 +45,7 @@ from deepmarket.storage.cid import (
 logger = logging.getLogger(__name__)
 
 # ipfshttpclient 0.8.0a2 passes urllib3's removed `strict` argument on every request; the
-# FutureWarning it triggers says nothing about DeepMarket and would flood the output.
+# FutureWarning it triggers is not about DeepMarket and would flood the output.
 warnings.filterwarnings("ignore", message="The 'strict' parameter is no longer needed", category=FutureWarning)
 
 T = TypeVar("T")
